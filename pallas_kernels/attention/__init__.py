@@ -1,0 +1,5 @@
+"""Causal (optionally sliding-window) attention with per-head sinks: one op, several backends."""
+
+from pallas_kernels.attention.dispatch import IMPLEMENTATIONS, attention
+
+__all__ = ["IMPLEMENTATIONS", "attention"]
