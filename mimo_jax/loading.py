@@ -1,0 +1,141 @@
+"""Building models: abstract shapes first, then random init or released weights.
+
+`abstract_model` gives the parameter tree as shapes without allocating anything; loading fills
+that same tree, so init, load, conversion and restore share one description of the model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimo_jax.config import ModelConfig
+from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
+from mimo_jax.model import MiMo
+from mimo_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsCheckpoint
+
+# Tensors a release may carry that the model recomputes.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+_MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
+FP8_DTYPES = (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"])
+
+
+def abstract_model(cfg: ModelConfig, **kwargs) -> MiMo:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes, dtypes and logical axes only."""
+    return nnx.eval_shape(lambda: MiMo(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
+class ParamCount(NamedTuple):
+    total: int  # main model (no MTP heads)
+    active: int  # per token: everything but the unchosen experts
+    per_mtp_layer: int
+    total_with_mtp: int
+
+
+def param_count(cfg: ModelConfig) -> ParamCount:
+    """Parameter counts from abstract shapes (nothing is allocated)."""
+    model = abstract_model(cfg.replace(num_mtp_layers=1))
+    main = mtp = experts = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = int(np.prod(var.shape))
+        if path[0] == "mtp":
+            mtp += n
+        else:
+            main += n
+            if path[-1] in ("gate_up", "down"):
+                experts += n
+    active = main - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
+    return ParamCount(main, active, mtp, main + mtp * cfg.num_mtp_layers)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    **config_overrides,
+) -> MiMo:
+    """A ready model from a Hugging Face directory (`config.json` + safetensors, one file or
+    sharded with `model.safetensors.index.json`), released names, MTP heads when present.
+
+    Args:
+      dtype: parameter and compute dtype ("bfloat16", "float32"); default: the checkpoint's.
+      mesh: not supported yet (sharded loading comes with `mimo_jax.sharding`).
+      config_overrides: ModelConfig fields to change (for example `sliding_window_keys`-style
+        semantics are set through `sliding_attention`).
+    """
+    if mesh is not None:
+        raise NotImplementedError("load(mesh=...) is not implemented yet: load unsharded")
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    ckpt = SafetensorsCheckpoint(path)
+    fp8 = [n for n in ckpt if ckpt.dtype(n) in FP8_DTYPES or n.endswith("weight_scale_inv")]
+    if fp8:
+        raise CheckpointError(
+            f"{path} holds FP8 tensors (e.g. {fp8[0]!r}); FP8 loading needs the converter "
+            "(`mimo-jax convert`), which is not available yet"
+        )
+    mtp_layers = {int(m.group(1)) for n in ckpt if (m := _MTP_LAYER.match(n))}
+    if mtp_layers and mtp_layers != set(range(len(mtp_layers))):
+        raise CheckpointError(f"{path}: MTP layers {sorted(mtp_layers)} are not 0..n-1")
+    if dtype is None:
+        dtype = _checkpoint_dtype(path)
+    cfg = ModelConfig.from_hf(path, **config_overrides).replace(
+        num_mtp_layers=len(mtp_layers), dtype=dtype, param_dtype=dtype
+    )
+    return load_from_tensors(cfg, ckpt.get, set(ckpt), source=path)
+
+
+def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str) -> MiMo:
+    """Fill the abstract model from released tensors given by `get(name) -> np.ndarray`."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    flat = dict(nnx.to_flat_state(state))
+    maps = tensor_maps(cfg)
+    known = {n for m in maps for n in m.hf_names}
+    unknown = sorted(n for n in names - known if not _IGNORED.match(n))
+    if unknown:
+        raise CheckpointError(
+            f"{source}: {len(unknown)} tensors do not belong to a model with this config, "
+            f"e.g. {unknown[:3]}"
+        )
+    missing = sorted(known - names)
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} tensors are missing, e.g. {missing[:3]}")
+
+    by_path: dict[tuple, list[TensorMap]] = {}
+    for m in maps:
+        by_path.setdefault(m.path, []).append(m)
+    for p, group in by_path.items():
+        var = flat[p]
+        stacked = group[0].block is not None
+        shape = var.shape[1:] if stacked else var.shape
+        out = np.empty(var.shape, var.dtype)
+        for m in group:
+            tensors = [get(n) for n in m.hf_names]
+            for name, t, want in zip(m.hf_names, tensors, hf_shapes(m.kind, shape), strict=True):
+                if t.shape != want:
+                    raise CheckpointError(
+                        f"{source}: tensor {name!r} has shape {t.shape}, the config expects {want}"
+                    )
+            value = to_model(m.kind, [np.asarray(t, np.float32) for t in tensors], shape)
+            if stacked:
+                out[m.block] = value
+            else:
+                out[...] = value
+        var.value = jnp.asarray(out)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _checkpoint_dtype(path: str) -> str:
+    from mimo_jax.config import _read_json_config
+
+    hf = _read_json_config(path)
+    dt = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16").replace("torch.", "")
+    return dt if dt in ("float32", "bfloat16", "float16") else "bfloat16"

@@ -1,0 +1,150 @@
+"""Lazy safetensors reading: header index first, memory-mapped payloads, one tensor at a time.
+
+The `safetensors` package's numpy backend cannot return bfloat16 or float8, so the format is
+read directly (8-byte little-endian header length, JSON header, raw little-endian payload) and
+viewed through `ml_dtypes`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or disagrees with the model config."""
+
+
+class SafetensorsFile:
+    """One `.safetensors` file: tensor names, dtypes and shapes up front, data on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(size - 8, 100 << 20):
+                    raise CheckpointError(f"{self.path}: corrupt header length {header_len}")
+                header = json.loads(f.read(header_len))
+        except FileNotFoundError:
+            raise CheckpointError(f"missing checkpoint file {self.path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + header_len
+        self._entries = header
+        payload = size - self._data_start
+        for name, entry in header.items():
+            if entry.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype "
+                                      f"{entry.get('dtype')!r}")
+            begin, end = entry["data_offsets"]
+            want = DTYPES[entry["dtype"]].itemsize * int(np.prod(entry["shape"], dtype=np.int64))
+            if end - begin != want or end > payload:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} is truncated or corrupt (bytes {begin}..{end} "
+                    f"of a {payload}-byte payload, {want} expected)"
+                )
+        self._mmap: np.memmap | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> np.dtype:
+        return DTYPES[self._entries[name]["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._entries[name]["data_offsets"]
+        return end - begin
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of one tensor (no copy until used)."""
+        if self._mmap is None:
+            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        begin, end = self._entries[name]["data_offsets"]
+        raw = self._mmap[self._data_start + begin : self._data_start + end]
+        return raw.view(self.dtype(name)).reshape(self.shape(name))
+
+
+class SafetensorsCheckpoint:
+    """A directory with `model.safetensors.index.json` (sharded) or a single safetensors file."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = os.fspath(directory)
+        index_path = os.path.join(self.directory, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map: dict[str, str] = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+        else:
+            files = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))
+            if not files:
+                raise CheckpointError(f"no .safetensors files in {self.directory}")
+            weight_map = {}
+            for name in files:
+                for key in SafetensorsFile(os.path.join(self.directory, name)).keys():
+                    weight_map[key] = name
+        self.weight_map = weight_map
+        self._files: dict[str, SafetensorsFile] = {}
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        fname = self.weight_map[name]
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(os.path.join(self.directory, fname))
+            missing = [k for k, v in self.weight_map.items()
+                       if v == fname and k not in self._files[fname]]
+            if missing:
+                raise CheckpointError(f"{fname}: tensors listed in the index are missing: "
+                                      f"{missing[:5]}")
+        return self._files[fname]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in "
+                                  f"{self.directory}")
+        return self.file_of(name).get(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.file_of(name).dtype(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.file_of(name).shape(name)
