@@ -18,6 +18,7 @@ from mimo_jax.attention import Attention
 from mimo_jax.config import ModelConfig
 from mimo_jax.layers import DenseMLP, RMSNorm, param
 from mimo_jax.moe import MoE, RouterOutput
+from mimo_jax.sharding import constrain
 
 
 class ScanPlan(NamedTuple):
@@ -72,11 +73,13 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[jax.Array, RouterOutput | None]:
         h_btd = h_btd + self.attn(self.input_norm(h_btd), positions_bt, segment_ids_bt)
         x_btd = self.post_attn_norm(h_btd)
+        router = None
         if isinstance(self.mlp, MoE):
             valid_bt = None if segment_ids_bt is None else segment_ids_bt != 0
             y_btd, router = self.mlp(x_btd, valid_bt, expert_ids_btk)
-            return h_btd + y_btd, router
-        return h_btd + self.mlp(x_btd), None
+        else:
+            y_btd = self.mlp(x_btd)
+        return constrain(h_btd + y_btd, ("batch", "seq", "act_embed")), router
 
 
 class LayerBlock(nnx.Module):
@@ -174,11 +177,13 @@ class MiMo(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
     def embed_tokens(self, ids_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], ids_bt, axis=0).astype(self.cfg.dtype)
+        h_btd = jnp.take(self.embed[...], ids_bt, axis=0).astype(self.cfg.dtype)
+        return constrain(h_btd, ("batch", "seq", "act_embed"))
 
     def lm_logits(self, h_btd: jax.Array) -> jax.Array:
         w_dv = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", h_btd, w_dv.astype(h_btd.dtype))
+        logits = jnp.einsum("...d,dv->...v", h_btd, w_dv.astype(h_btd.dtype))
+        return constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "seq", "act_vocab"))
 
     def backbone(
         self,

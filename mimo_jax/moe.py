@@ -10,7 +10,7 @@ from flax import nnx
 
 from mimo_jax.config import ModelConfig
 from mimo_jax.layers import RouterBias, param
-from mimo_jax.moe_dispatch import expert_ffn
+from mimo_jax.expert_parallel import moe_experts
 
 
 class RouterOutput(NamedTuple):
@@ -81,9 +81,11 @@ class MoE(nnx.Module):
             weights_tk = weights_tk / (jnp.sum(weights_tk, axis=-1, keepdims=True) + 1e-20)
         weights_tk = weights_tk * cfg.routed_scaling_factor
 
-        out = expert_ffn(x_td, ids_tk, weights_tk, self.gate_up[...].astype(x_btd.dtype),
-                         self.down[...].astype(x_btd.dtype))
-        y_td, dropped = out if isinstance(out, tuple) else (out, jnp.zeros((), jnp.int32))
+        y_td, dropped = moe_experts(
+            x_td, ids_tk, weights_tk, self.gate_up[...].astype(x_btd.dtype),
+            self.down[...].astype(x_btd.dtype), num_experts=cfg.num_experts,
+            capacity_factor=cfg.moe_capacity_factor,
+        )
 
         valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
         onehot_btke = jax.nn.one_hot(ids_tk.reshape(b, t, -1), cfg.num_experts, dtype=jnp.float32)

@@ -1,0 +1,71 @@
+"""Forward tokens/s: our jitted model against transformers eager, same config and weights.
+
+Config: ~50M parameters, 8 layers, 32 experts top-4, sequence 1024, float32 on CPU.
+Goal (issue 2): ours at least 3x faster. Run: .venv/bin/python benchmarks/forward.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import median_seconds, write_results  # noqa: E402
+
+import mimo_jax  # noqa: E402
+
+HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
+                 moe_intermediate_size=160, num_hidden_layers=8, num_attention_heads=6,
+                 num_key_value_heads=1, head_dim=64, v_head_dim=48, n_routed_experts=32,
+                 num_experts_per_tok=4, sliding_window=129, max_position_embeddings=4096)
+BATCH, SEQ = 2, 1024
+
+
+def main() -> None:
+    from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+    torch.manual_seed(0)
+    hf = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_CONFIG)).eval()
+    ids = torch.randint(0, HF_CONFIG["vocab_size"], (BATCH, SEQ))
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = mimo_jax.load(d, dtype="float32")
+    counts = mimo_jax.param_count(model.cfg)
+
+    forward = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
+    x = jax.numpy.asarray(ids.numpy())
+    t0 = time.perf_counter()
+    ours = jax.block_until_ready(forward(model, x))
+    compile_s = time.perf_counter() - t0
+    ours_s = median_seconds(lambda: jax.block_until_ready(forward(model, x)))
+
+    with torch.no_grad():
+        ref = hf(ids).logits.numpy()
+        ref_s = median_seconds(lambda: hf(ids), repeats=3)
+    max_diff = float(np.abs(np.asarray(ours) - ref).max())
+
+    tokens = BATCH * SEQ
+    rows = [
+        ["mimo-jax (jit)", f"{ours_s * 1e3:.0f}", f"{tokens / ours_s:,.0f}", f"{ref_s / ours_s:.2f}x"],
+        ["transformers eager", f"{ref_s * 1e3:.0f}", f"{tokens / ref_s:,.0f}", "1.00x"],
+    ]
+    write_results(
+        "forward", "Forward pass: mimo-jax vs transformers 5.23 (float32, CPU)",
+        ["implementation", "ms / forward", "tokens/s", "speedup"], rows,
+        {"config": f"{counts.total / 1e6:.1f}M params, 8 layers, 32 experts top-4, "
+                   f"batch {BATCH} x seq {SEQ}",
+         "compile_seconds": round(compile_s, 2), "speedup": round(ref_s / ours_s, 2),
+         "goal": ">= 3x faster than transformers eager", "max_abs_logit_diff": max_diff,
+         "torch_threads": torch.get_num_threads()},
+    )
+
+
+if __name__ == "__main__":
+    main()
