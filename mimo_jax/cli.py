@@ -8,7 +8,12 @@ import sys
 
 # (subcommand module, attribute): each module exposes `register(subparsers)`, which adds its
 # parser and sets `func=callable(args) -> int` on it. Imported lazily so `--help` stays fast.
-_COMMANDS = ["mimo_jax.commands.info", "mimo_jax.commands.plan"]
+_COMMANDS = [
+    "mimo_jax.commands.info",
+    "mimo_jax.commands.plan",
+    "mimo_jax.commands.convert",
+    "mimo_jax.commands.inspect",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

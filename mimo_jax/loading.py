@@ -61,8 +61,13 @@ def load(
     mesh: jax.sharding.Mesh | None = None,
     **config_overrides,
 ) -> MiMo:
-    """A ready model from a Hugging Face directory (`config.json` + safetensors, one file or
-    sharded with `model.safetensors.index.json`), released names, MTP heads when present.
+    """A ready model from any of:
+
+    - a Hugging Face / release directory (`config.json` + safetensors, one file or sharded with
+      `model.safetensors.index.json`), released names, MTP heads when present; FP8 tensors
+      (with `weight_scale_inv`) are dequantised on the fly;
+    - an Orbax model directory written by `mimo-jax convert hf-to-orbax`;
+    - a training work directory (its latest checkpoint) or one `checkpoints/<step>` directory.
 
     Args:
       dtype: parameter and compute dtype ("bfloat16", "float32"); default: the checkpoint's.
@@ -70,18 +75,30 @@ def load(
       config_overrides: ModelConfig fields to change (for example `sliding_window_keys`-style
         semantics are set through `sliding_attention`).
     """
+    from mimo_jax.checkpoint import orbax_io
+    from mimo_jax.checkpoint.release import ReleaseReader
+
     if mesh is not None:
         raise NotImplementedError("load(mesh=...) is not implemented yet: load unsharded")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
+    if orbax_io.is_model_dir(path):
+        return orbax_io.restore_model_dir(path, dtype=dtype, **config_overrides)
+    step = orbax_io.training_step_dir(path)
+    if step is not None:
+        hf = orbax_io.step_config(step)
+        dtype = dtype or str(hf.get("torch_dtype") or "float32")
+        cfg = ModelConfig.from_hf(hf, **config_overrides).replace(dtype=dtype, param_dtype=dtype)
+        return orbax_io.restore_params(os.path.join(step, "params"), cfg)
     ckpt = SafetensorsCheckpoint(path)
-    fp8 = [n for n in ckpt if ckpt.dtype(n) in FP8_DTYPES or n.endswith("weight_scale_inv")]
+    fp8 = [n for n in ckpt if ckpt.dtype(n) in FP8_DTYPES and n + "_scale_inv" in ckpt]
     if fp8:
-        raise CheckpointError(
-            f"{path} holds FP8 tensors (e.g. {fp8[0]!r}); FP8 loading needs the converter "
-            "(`mimo-jax convert`), which is not available yet"
-        )
+        reader = ReleaseReader(path, **config_overrides)
+        reader.validate()
+        cfg = reader.cfg.replace(dtype=dtype or "bfloat16", param_dtype=dtype or "bfloat16")
+        names = {n for n in ckpt if not (n.endswith("_scale_inv") and n[:-10] in fp8)}
+        return load_from_tensors(cfg, reader.read, names, source=path)
     mtp_layers = {int(m.group(1)) for n in ckpt if (m := _MTP_LAYER.match(n))}
     if mtp_layers and mtp_layers != set(range(len(mtp_layers))):
         raise CheckpointError(f"{path}: MTP layers {sorted(mtp_layers)} are not 0..n-1")
@@ -129,7 +146,7 @@ def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str) ->
                 out[m.block] = value
             else:
                 out[...] = value
-        var.value = jnp.asarray(out)
+        var.set_value(jnp.asarray(out))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

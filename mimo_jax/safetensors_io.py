@@ -88,6 +88,28 @@ class SafetensorsFile:
         begin, end = self._entries[name]["data_offsets"]
         return end - begin
 
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """A private copy of one tensor (or of rows [a, b) of its first axis), read with
+        `pread`: unlike the mmap view it leaves nothing resident in this process afterwards."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        begin, end = self._entries[name]["data_offsets"]
+        if rows is not None:
+            row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        out = np.empty(shape, dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self._data_start + begin)
+            got = 0
+            while got < end - begin:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends "
+                                          f"after {got} of its {end - begin} bytes)")
+                got += n
+        return out
+
     def get(self, name: str) -> np.ndarray:
         """A read-only memory-mapped view of one tensor (no copy until used)."""
         if self._mmap is None:
@@ -148,3 +170,70 @@ class SafetensorsCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.file_of(name).shape(name)
+
+
+class ShardedWriter:
+    """Writes tensors in a planned order into safetensors shards of at most `max_shard_bytes`
+    (a larger tensor gets a shard of its own) plus `model.safetensors.index.json`.
+
+    The plan (names, dtypes, shapes) is fixed up front so every header can be written before
+    its payload; tensors then stream in one at a time.
+    """
+
+    def __init__(self, directory: str, plan: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int):
+        self.directory = directory
+        shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = entry[1].itemsize * int(np.prod(entry[2], dtype=np.int64))
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        n = len(shards)
+        self._files = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shards = shards
+        self.weight_map = {e[0]: f for f, sh in zip(self._files, shards, strict=True) for e in sh}
+        self.total_bytes = 0
+        self._queue = [(i, e) for i, sh in enumerate(shards) for e in sh]
+        self._pos = 0
+        self._handle = None
+        self._shard = -1
+
+    def _open(self, i: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in self._shards[i]:
+            nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # payload 8-byte aligned, as safetensors writes it
+        self._handle = open(os.path.join(self.directory, self._files[i]), "wb")
+        self._handle.write(struct.pack("<Q", len(blob)) + blob)
+        self._shard = i
+
+    def write(self, name: str, value: np.ndarray) -> None:
+        shard, (want_name, dtype, shape) = self._queue[self._pos]
+        if name != want_name or value.dtype != dtype or value.shape != tuple(shape):
+            raise ValueError(f"writer expected {want_name} {dtype}{list(shape)}, got {name} "
+                             f"{value.dtype}{list(value.shape)}")
+        if shard != self._shard:
+            self._open(shard)
+        self._handle.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8).data)
+        self.total_bytes += value.nbytes
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._pos != len(self._queue):
+            raise ValueError(f"writer closed after {self._pos} of {len(self._queue)} tensors")
+        if self._handle is not None:
+            self._handle.close()
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+        with open(os.path.join(self.directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)

@@ -1,0 +1,427 @@
+"""Release safetensors <-> Orbax model directory, streaming (see orbax_io for the layouts).
+
+hf-to-orbax reads one released tensor (or one row slab of a large one) at a time, in file
+order, and writes it straight into its slot of the stacked Orbax array: host memory holds a
+tensor and one bounded TensorStore transaction, never a stacked group or the model.
+orbax-to-hf reads one parameter (one expert of a stacked one) at a time and streams it into
+pre-planned safetensors shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from mimo_jax.checkpoint import fp8
+from mimo_jax.checkpoint.orbax_io import (
+    FORMAT,
+    VERSION,
+    LeafReader,
+    Path,
+    SlabWriter,
+    default_chunks,
+    model_dir_info,
+    read_json,
+    save_streamed,
+    step_config,
+    training_step_dir,
+)
+from mimo_jax.checkpoint.release import SCALE_SUFFIX, ReleaseReader, model_shapes
+from mimo_jax.config import ModelConfig
+from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_hf, to_model
+from mimo_jax.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, ShardedWriter
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
+                 "float32": "float32"}
+# What the release quantises (checkpoint.md §2): q/k/v, dense MLPs, experts.
+QUANTIZED = re.compile(r".*(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj|mlp\.experts\.\d+\."
+                       r"(gate|up|down)_proj)\.weight$")
+_ROUTER = re.compile(r".*mlp\.gate\.(weight|e_score_correction_bias)$")
+SLAB_BYTES = 64 << 20  # larger plain 2-D tensors (embeddings, lm_head) are read in row slabs
+EXPERT_KINDS = ("experts_gate_up", "experts_down")
+
+
+@contextlib.contextmanager
+def staged_output(dst: str, overwrite: bool) -> Iterator[str]:
+    """A fresh directory next to `dst`, moved onto `dst` only when the body succeeds."""
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.lexists(dst):
+        old = tmp + ".old"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, dst)
+
+
+def _groups(maps: list[TensorMap]) -> dict[Path, list[TensorMap]]:
+    out: dict[Path, list[TensorMap]] = {}
+    for m in maps:
+        out.setdefault(m.path, []).append(m)
+    return out
+
+
+def _default_hf_dtype(name: str, dtype: str) -> np.dtype:
+    return DTYPES["F32"] if _ROUTER.match(name) else np.dtype(
+        {"bfloat16": DTYPES["BF16"], "float32": DTYPES["F32"], "float16": DTYPES["F16"]}[dtype])
+
+
+# ---------------------------------------------------------------------------- hf -> orbax
+def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, keep_fp8: bool = False,
+                overwrite: bool = False, progress: bool = True,
+                txn_bytes: int = 256 << 20) -> str:
+    """Convert a release/HF directory into an Orbax model directory at `dst`."""
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{os.path.abspath(dst)} exists; pass --overwrite to replace it")
+    if keep_fp8 and dtype is not None:
+        raise ValueError("--keep-fp8 and --dtype exclude each other")
+    reader = ReleaseReader(src)
+    reader.validate()
+    names = [n for m in reader.maps for n in m.hf_names]
+    any_fp8 = any(reader.is_fp8(n) for n in names)
+    if keep_fp8 and not any_fp8:
+        raise CheckpointError(f"{src}: --keep-fp8 given but the checkpoint has no FP8 tensors")
+    from mimo_jax.loading import _checkpoint_dtype
+
+    src_dtype = _checkpoint_dtype(src)
+    # Default: the checkpoint's torch_dtype (bfloat16 for the release); --keep-fp8 stores the
+    # non-FP8 tensors in it too.
+    dtype = DTYPE_ALIASES.get(dtype or src_dtype)
+    if dtype is None:
+        raise ValueError("dtype must be bf16 or f32")
+    cfg = reader.cfg.replace(dtype=dtype, param_dtype=dtype)
+    shapes = model_shapes(cfg)
+    groups = _groups(reader.maps)
+    fp8_paths = {p for p, g in groups.items()
+                 if keep_fp8 and all(reader.is_fp8(n) for m in g for n in m.hf_names)}
+    hf_dtypes = {n: DTYPE_NAMES[reader.ckpt.dtype(n)] for n in names
+                 if not reader.is_fp8(n)
+                 and reader.ckpt.dtype(n) != _default_hf_dtype(n, src_dtype)}
+
+    total = sum(_source_bytes(reader, n) for n in names)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc="hf-to-orbax", smoothing=0.1)
+    with staged_output(dst, overwrite) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg.to_hf(), f, indent=2)
+        plain = {p: g for p, g in groups.items() if p not in fp8_paths}
+        leaves = {p: shapes[p] for p in shapes if p not in fp8_paths}
+        chunks = {p: default_chunks(shapes[p][0], _unit_shape(shapes[p][0], g),
+                                    shapes[p][1].itemsize) for p, g in plain.items()}
+        for p in leaves:  # variables without released tensors would be left empty
+            if p not in chunks:
+                raise CheckpointError(f"internal: no released tensor maps to {p}")
+        save_streamed(os.path.join(tmp, "params"), leaves, chunks,
+                      lambda w: _fill_params(reader, plain, shapes, w, bar), txn_bytes=txn_bytes)
+        if fp8_paths:
+            fp8_leaves, fp8_chunks = {}, {}
+            for p in fp8_paths:
+                for leaf, (shape, dt) in _fp8_leaf_shapes(reader, groups[p]).items():
+                    fp8_leaves[p + (leaf,)] = (shape, dt)
+                    unit = (1,) * (len(shape) - 2) + shape[-2:]
+                    fp8_chunks[p + (leaf,)] = default_chunks(shape, unit, dt.itemsize)
+            save_streamed(os.path.join(tmp, "fp8"), fp8_leaves, fp8_chunks,
+                          lambda w: _fill_fp8(reader, {p: groups[p] for p in fp8_paths}, w, bar),
+                          txn_bytes=txn_bytes)
+        bar.close()
+        info = {"format": FORMAT, "version": VERSION, "dtype": dtype, "fp8": bool(fp8_paths),
+                "hf_dtypes": hf_dtypes, "source": os.path.abspath(src)}
+        with open(os.path.join(tmp, "mimo_jax.json"), "w") as f:
+            json.dump(info, f, indent=2)
+    return os.path.abspath(dst)
+
+
+def _unit_shape(shape: tuple[int, ...], group: list[TensorMap]) -> tuple[int, ...]:
+    """The part of a leaf one write covers: one layer of a stacked leaf, one expert."""
+    lead = 1 if group[0].block is not None else 0
+    unit = [1] * lead + list(shape[lead:])
+    if group[0].kind in EXPERT_KINDS:
+        unit[lead] = 1
+    return tuple(unit)
+
+
+def _fill_params(reader: ReleaseReader, groups: dict[Path, list[TensorMap]],
+                 shapes: dict, writer: SlabWriter, bar: tqdm) -> None:
+    units = []  # (file, offset, path, map, expert or row slab)
+    for path, group in groups.items():
+        for m in group:
+            if m.kind in EXPERT_KINDS:
+                per = 2 if m.kind == "experts_gate_up" else 1
+                for e in range(len(m.hf_names) // per):
+                    units.append((*reader.offset(m.hf_names[per * e]), path, m, ("e", e, per)))
+            elif (len(m.hf_names) == 1 and m.kind in ("copy", "linear")
+                  and len(reader.ckpt.shape(m.hf_names[0])) == 2
+                  and not reader.is_fp8(m.hf_names[0])
+                  and reader.nbytes(m.hf_names[0]) > SLAB_BYTES):
+                rows, _ = reader.ckpt.shape(m.hf_names[0])
+                step = max(1, SLAB_BYTES * rows // reader.nbytes(m.hf_names[0]))
+                for a in range(0, rows, step):
+                    units.append((*reader.offset(m.hf_names[0]), path, m,
+                                  ("rows", a, min(rows, a + step))))
+            else:
+                units.append((*reader.offset(m.hf_names[0]), path, m, None))
+    units.sort(key=lambda u: (u[0], u[1], str(u[4])))
+    for _, _, path, m, part in units:
+        shape, dtype = shapes[path]
+        lead = () if m.block is None else (m.block,)
+        pshape = shape[len(lead):]
+        if part is None:
+            tensors = [reader.read(n) for n in m.hf_names]
+            value, index = to_model(m.kind, tensors, pshape), lead
+        elif part[0] == "e":
+            _, e, per = part
+            names = m.hf_names[per * e : per * (e + 1)]
+            tensors = [reader.read(n) for n in names]
+            value = to_model(m.kind, tensors, (1, *pshape[1:]))[0]
+            index = (*lead, e)
+        else:
+            _, a, b = part
+            tensors = [reader.read(m.hf_names[0], (a, b))]
+            if m.kind == "copy":
+                value, index = tensors[0], (*lead, slice(a, b))
+            else:  # linear: released rows are our columns
+                value, index = tensors[0].T, (*lead, slice(None), slice(a, b))
+        writer.write(path, index, np.asarray(value).astype(dtype, copy=False))
+        if part is not None and part[0] == "rows":
+            bar.update(tensors[0].nbytes)
+        else:
+            bar.update(sum(_source_bytes(reader, n) for n in (
+                m.hf_names if part is None else m.hf_names[part[2] * part[1]:][: part[2]])))
+
+
+def _source_bytes(reader: ReleaseReader, name: str) -> int:
+    scale = reader.nbytes(name + SCALE_SUFFIX) if reader.is_fp8(name) else 0
+    return reader.nbytes(name) + scale
+
+
+def _fp8_leaf_shapes(reader: ReleaseReader, group: list[TensorMap]) -> dict:
+    m = group[0]
+    lead = () if m.block is None else (len(group),)
+    rows, cols = reader.ckpt.shape(m.hf_names[0])
+    srows, scols = reader.ckpt.shape(m.hf_names[0] + SCALE_SUFFIX)
+    n = len(m.hf_names)
+    return {"payload": ((*lead, n, rows, cols), reader.ckpt.dtype(m.hf_names[0])),
+            "scale_inv": ((*lead, n, srows, scols), DTYPES["F32"])}
+
+
+def _fill_fp8(reader: ReleaseReader, groups: dict[Path, list[TensorMap]], writer: SlabWriter,
+              bar: tqdm) -> None:
+    units = [(*reader.offset(n), p, m, j, n) for p, g in groups.items() for m in g
+             for j, n in enumerate(m.hf_names)]
+    units.sort(key=lambda u: (u[0], u[1]))
+    for _, _, path, m, j, name in units:
+        payload, scale = reader.read_fp8(name)
+        lead = () if m.block is None else (m.block,)
+        writer.write(path + ("payload",), (*lead, j), payload)
+        writer.write(path + ("scale_inv",), (*lead, j), scale)
+        bar.update(payload.nbytes + scale.nbytes)
+
+
+def fp8_leaf_values(fp8_dir: str, cfg: ModelConfig) -> dict[Path, np.ndarray]:
+    """Dequantised model-layout values of every parameter stored in an `fp8/` item."""
+    leaves = LeafReader(fp8_dir)
+    shapes = model_shapes(cfg)
+    out: dict[Path, np.ndarray] = {}
+    stored = {p[:-1] for p in leaves.leaves}
+    for path, group in _groups(tensor_maps(cfg)).items():
+        key = tuple(str(k) for k in path)
+        if key not in stored:
+            continue
+        payload = leaves.read(key + ("payload",))
+        scale = leaves.read(key + ("scale_inv",))
+        shape, dtype = shapes[path]
+        value = np.empty(shape, dtype)
+        for m in group:
+            lead = () if m.block is None else (m.block,)
+            pshape = shape[len(lead):]
+            kv = _kv_grid(leaves, key, lead, cfg, m)
+            deq = []
+            for j in range(len(m.hf_names)):
+                s = scale[(*lead, j)]
+                row_map = fp8.uniform_rows(payload.shape[-2])
+                if kv is not None:
+                    (k_rows, v_rows), k_scale = kv
+                    row_map = k_rows if key[-1] == "k_proj" else v_rows
+                    if key[-1] == "v_proj":
+                        s = np.concatenate([k_scale, s])
+                deq.append(fp8.dequantize(payload[(*lead, j)], s, row_map))
+            value[lead] = to_model(m.kind, deq, pshape)
+        out[path] = value
+    return out
+
+
+def _kv_grid(leaves: LeafReader, key: tuple, lead: tuple, cfg: ModelConfig, m: TensorMap):
+    """Per-head grid row maps (and K's scale) for a stored K/V projection, else None."""
+    if key[-1] not in ("k_proj", "v_proj"):
+        return None
+    k_key, v_key = key[:-1] + ("k_proj",), key[:-1] + ("v_proj",)
+    if k_key + ("scale_inv",) not in leaves or v_key + ("payload",) not in leaves:
+        return None
+    k_store = leaves.store(k_key + ("payload",))
+    n_dk = k_store.shape[-2]
+    v_rows = leaves.store(v_key + ("payload",)).shape[-2]
+    attn = "full" if n_dk != cfg.sliding_attention.num_kv_heads * cfg.sliding_attention.head_dim \
+        else None
+    spec = cfg.full_attention if attn else cfg.sliding_attention
+    n = spec.num_kv_heads
+    k_scale = leaves.read(k_key + ("scale_inv",), (*lead, 0))
+    if not fp8.is_head_grid(k_scale.shape[0], n, n_dk // n):
+        return None
+    return fp8.head_grid_rows(n, n_dk // n, v_rows // n), k_scale
+
+
+# ---------------------------------------------------------------------------- orbax -> hf
+def _source(src: str) -> tuple[ModelConfig, str, str | None, dict]:
+    """(config, params dir, fp8 dir, hf_dtypes) of an Orbax model dir or training step."""
+    src = os.path.abspath(src)
+    if os.path.exists(os.path.join(src, "mimo_jax.json")):
+        info = model_dir_info(src)
+        cfg = ModelConfig.from_hf(read_json(os.path.join(src, "config.json")))
+        cfg = cfg.replace(dtype=info["dtype"], param_dtype=info["dtype"])
+        return (cfg, os.path.join(src, "params"),
+                os.path.join(src, "fp8") if info.get("fp8") else None, info.get("hf_dtypes", {}))
+    step = training_step_dir(src)
+    if step is None:
+        raise CheckpointError(f"{src} is neither an Orbax model directory (mimo_jax.json) nor a "
+                              "training work directory / checkpoint step")
+    hf = step_config(step)
+    dtype = str(hf.get("torch_dtype", "float32"))
+    cfg = ModelConfig.from_hf(hf).replace(dtype=dtype, param_dtype=dtype)
+    return cfg, os.path.join(step, "params"), None, {}
+
+
+def orbax_to_hf(src: str, dst: str, *, fp8_out: bool = False, overwrite: bool = False,
+                max_shard_bytes: int = 4 << 30, progress: bool = True) -> str:
+    """Export an Orbax model directory / training checkpoint to the released layout."""
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{os.path.abspath(dst)} exists; pass --overwrite to replace it")
+    cfg, params_dir, fp8_dir, hf_dtypes = _source(src)
+    params = LeafReader(params_dir)
+    stored8 = LeafReader(fp8_dir) if fp8_dir else None
+    shapes = model_shapes(cfg)
+    maps = tensor_maps(cfg)
+
+    def in_fp8(m: TensorMap) -> bool:
+        return stored8 is not None and tuple(str(k) for k in m.path) + ("payload",) in stored8
+
+    def full_layer(name: str) -> bool:
+        hit = re.match(r"^model\.layers\.(\d+)\.self_attn\.[kv]_proj", name)
+        return bool(hit) and cfg.layer_types[int(hit.group(1))] == "full"
+
+    plan, ignored = [], []
+    for m in maps:
+        pshape = shapes[m.path][0][0 if m.block is None else 1:]
+        for name, shape in zip(m.hf_names, hf_shapes(m.kind, pshape), strict=True):
+            quant = in_fp8(m) if fp8_out and in_fp8(m) else fp8_out and bool(QUANTIZED.match(name))
+            if quant:
+                plan.append((name, fp8.E4M3, shape))
+                plan.append((name + SCALE_SUFFIX, DTYPES["F32"],
+                             _scale_shape(cfg, name, shape, full_layer(name))))
+            else:
+                dt = DTYPES[hf_dtypes[name]] if name in hf_dtypes else _default_hf_dtype(
+                    name, cfg.param_dtype)
+                plan.append((name, dt, shape))
+                if fp8_out and name.endswith(".weight") and len(shape) == 2 and not _ROUTER.match(
+                        name):
+                    ignored.append(name[: -len(".weight")])
+    total = sum(dt.itemsize * int(np.prod(s)) for _, dt, s in plan)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc="orbax-to-hf", smoothing=0.1)
+    with staged_output(dst, overwrite) as tmp:
+        writer = ShardedWriter(tmp, plan, max_shard_bytes)
+        dtypes = {name: dt for name, dt, _ in plan}
+        kv_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for m in maps:
+            lead = () if m.block is None else (m.block,)
+            per = {"experts_gate_up": 2, "experts_down": 1}.get(m.kind)
+            parts = ([(e, m.hf_names[per * e : per * (e + 1)])
+                      for e in range(len(m.hf_names) // per)] if per else [(None, m.hf_names)])
+            for e, names in parts:
+                for name, out in _export_unit(m, lead, e, names, params, stored8, in_fp8(m),
+                                              fp8_out, cfg, full_layer, kv_cache, dtypes):
+                    writer.write(name, out)
+                    bar.update(out.nbytes)
+        writer.close()
+        bar.close()
+        hf = cfg.to_hf()
+        hf.pop("mimo_jax_mtp_hidden", None) if cfg.mtp_hidden == "post_norm" else None
+        if fp8_out:
+            hf["quantization_config"] = {
+                "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [fp8.BLOCK, fp8.BLOCK], "packed_modules_mapping": {},
+                "ignored_layers": ignored}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+    return os.path.abspath(dst)
+
+
+def _scale_shape(cfg: ModelConfig, name: str, shape, full: bool) -> tuple[int, int]:
+    if full:
+        spec = cfg.full_attention
+        kb, vb = fp8.head_grid(spec.num_kv_heads, spec.head_dim, spec.v_head_dim)
+        rows = kb if ".k_proj." in name else vb
+        return spec.num_kv_heads * rows, fp8.scale_shape(*shape)[1]
+    return fp8.scale_shape(*shape)
+
+
+def _export_unit(m, lead, e, names, params, stored8, in8, fp8_out, cfg, full_layer, kv_cache,
+                 dtypes):
+    """Yield (name, array) for the released tensors of one map (or one expert of it)."""
+    key = tuple(str(k) for k in m.path)
+    if in8:  # stored FP8: copy payloads and scales, or dequantise them (already HF layout)
+        first = m.hf_names.index(names[0])
+        sl = (*lead, slice(first, first + len(names)))
+        payload = stored8.read(key + ("payload",), sl)
+        scale = stored8.read(key + ("scale_inv",), sl)
+        kv = _kv_grid(stored8, key, lead, cfg, m)
+        for j, name in enumerate(names):
+            if fp8_out:
+                yield name, payload[j]
+                yield name + SCALE_SUFFIX, scale[j]
+                continue
+            s, row_map = scale[j], None
+            if kv is not None:
+                (k_rows, v_rows), k_scale = kv
+                row_map = k_rows if key[-1] == "k_proj" else v_rows
+                s = np.concatenate([k_scale, s]) if key[-1] == "v_proj" else s
+            yield name, fp8.dequantize(payload[j], s, row_map).astype(dtypes[name])
+        return
+    value = params.read(key, (*lead, e) if e is not None else lead)
+    tensors = to_hf(m.kind, value[None] if e is not None else value)
+    for name, t in zip(names, tensors, strict=True):
+        if dtypes[name] != fp8.E4M3:
+            yield name, t.astype(dtypes[name])
+            continue
+        if full_layer(name):  # K and V share blocks: quantise the pair, keep the other half
+            if name not in kv_cache:
+                k_name = name.replace(".v_proj.", ".k_proj.")
+                v_name = name.replace(".k_proj.", ".v_proj.")
+                other = params.read(key[:-1] + ("v_proj" if name == k_name else "k_proj",), lead)
+                other = to_hf("heads_in", other)[0]
+                k, v = (t, other) if name == k_name else (other, t)
+                kq, ks, vq, vs = fp8.quantize_kv(k.astype(np.float32), v.astype(np.float32),
+                                                 cfg.full_attention.num_kv_heads)
+                kv_cache[k_name], kv_cache[v_name] = (kq, ks), (vq, vs)
+            q, s = kv_cache.pop(name)
+        else:
+            q, s = fp8.quantize(t.astype(np.float32))
+        yield name, q
+        yield name + SCALE_SUFFIX, s

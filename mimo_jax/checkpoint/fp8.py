@@ -1,0 +1,105 @@
+"""FP8 E4M3 block (de)quantisation as the release stores it (checkpoint.md §4).
+
+`W[i, j] = fp8[i, j] * scale_inv[row_block(i), j // 128]`. The row -> scale-row map is uniform
+(`i // 128`, the last block may be partial) except for the K/V projections of the global
+attention layers, which were quantised per KV head as a fused [K_h; V_h] matrix: a block can
+straddle K's tail and V's head, so V rows 0..63 of head h use K's scale row 2h+1 (§4.2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+
+BLOCK = 128
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+E4M3_MAX = 448.0
+# fp8 byte -> float32: a table lookup is several times faster than ml_dtypes' astype.
+_LUT = np.arange(256, dtype=np.uint8).view(E4M3).astype(np.float32)
+
+
+def uniform_rows(rows: int) -> np.ndarray:
+    """Scale row of each weight row on the uniform 128-row grid."""
+    return np.arange(rows) // BLOCK
+
+
+def head_grid(num_heads: int, k_dim: int, v_dim: int) -> tuple[int, int]:
+    """(K, V) scale rows per head of the fused per-head grid."""
+    k_blocks = math.ceil(k_dim / BLOCK)
+    return k_blocks, math.ceil((k_dim + v_dim) / BLOCK) - k_blocks
+
+
+def is_head_grid(k_scale_rows: int, num_heads: int, k_dim: int) -> bool:
+    """Whether a K scale with this many rows uses the per-head grid (it has more rows than the
+    uniform grid would)."""
+    k_blocks = math.ceil(k_dim / BLOCK)
+    return k_scale_rows == num_heads * k_blocks != math.ceil(num_heads * k_dim / BLOCK)
+
+
+def head_grid_rows(num_heads: int, k_dim: int, v_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale-row maps for K and V on the per-head grid, indexing the concatenation
+    [k_scale; v_scale] (so a V row straddling K's last block points into k_scale)."""
+    kb, vb = head_grid(num_heads, k_dim, v_dim)
+    k_rows = np.concatenate([h * kb + np.arange(k_dim) // BLOCK for h in range(num_heads)])
+    v_rows = []
+    for h in range(num_heads):
+        b = (k_dim + np.arange(v_dim)) // BLOCK  # block within the fused head
+        v_rows.append(np.where(b < kb, h * kb + b, num_heads * kb + h * vb + b - kb))
+    return k_rows, np.concatenate(v_rows)
+
+
+def dequantize(payload: np.ndarray, scale_inv: np.ndarray, row_map: np.ndarray | None = None,
+               out_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """fp8 [R, C] x scale [*, ceil(C/128)] -> `out_dtype`. `row_map[i]` picks the scale row of
+    weight row i (default uniform); edge blocks may be partial."""
+    r, c = payload.shape
+    if row_map is None:
+        row_map = uniform_rows(r)
+    cb = math.ceil(c / BLOCK)
+    if scale_inv.ndim != 2 or scale_inv.shape[1] != cb or row_map.max(initial=-1) >= len(scale_inv):
+        raise ValueError(f"scale shape {scale_inv.shape} does not fit a {payload.shape} weight")
+    rows_s = np.asarray(scale_inv, np.float32)[row_map]  # [R, cb]
+    w = _LUT[payload.view(np.uint8)]
+    if c % BLOCK == 0:
+        w.reshape(r, cb, BLOCK)[...] *= rows_s[:, :, None]
+    else:
+        w *= np.repeat(rows_s, BLOCK, axis=1)[:, :c]
+    return w if np.dtype(out_dtype) == np.float32 else w.astype(out_dtype)
+
+
+def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform 128x128 blocks: scale = block amax / 448 (1 for all-zero blocks), E4M3 payload."""
+    r, c = w.shape
+    rb, cb = math.ceil(r / BLOCK), math.ceil(c / BLOCK)
+    padded = np.zeros((rb * BLOCK, cb * BLOCK), np.float32)
+    padded[:r, :c] = w
+    blocks = padded.reshape(rb, BLOCK, cb, BLOCK)
+    amax = np.abs(blocks).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / E4M3_MAX, 1.0).astype(np.float32)
+    q = np.clip(blocks / scale[:, None, :, None], -E4M3_MAX, E4M3_MAX)
+    return q.reshape(padded.shape)[:r, :c].astype(E4M3), scale
+
+
+def quantize_kv(k: np.ndarray, v: np.ndarray, num_heads: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """K [n*dk, C] and V [n*dv, C] on the per-head grid: each head's [K_h; V_h] is quantised as
+    one matrix, its blocks split into K's and V's scale rows as the release stores them."""
+    dk, dv = k.shape[0] // num_heads, v.shape[0] // num_heads
+    kb, vb = head_grid(num_heads, dk, dv)
+    kq, vq, ks, vs = [], [], [], []
+    for h in range(num_heads):
+        fused = np.concatenate([k[h * dk : (h + 1) * dk], v[h * dv : (h + 1) * dv]]).astype(
+            np.float32)
+        q, s = quantize(fused)
+        kq.append(q[:dk])
+        vq.append(q[dk:])
+        ks.append(s[:kb])
+        vs.append(s[kb:])
+    return (np.concatenate(kq), np.concatenate(ks), np.concatenate(vq), np.concatenate(vs))
+
+
+def scale_shape(rows: int, cols: int) -> tuple[int, int]:
+    """The uniform grid's scale shape for a [rows, cols] weight."""
+    return math.ceil(rows / BLOCK), math.ceil(cols / BLOCK)

@@ -1,0 +1,324 @@
+"""Orbax checkpoints of MiMo: the on-disk layouts, streamed writing, restoring.
+
+Layouts (shared with the training code; keep them exactly):
+
+Orbax model directory (written by `mimo-jax convert hf-to-orbax`)::
+
+    DST/config.json     the model config in the hub spelling (`ModelConfig.to_hf()`)
+    DST/params/         Orbax checkpoint (StandardSave layout) of
+                        `nnx.to_pure_dict(nnx.state(model))`: a nested dict keyed by the model's
+                        state path (Params and the router's RouterBias), leaves np/jax arrays
+    DST/fp8/            only with --keep-fp8: Orbax checkpoint (same layout) of the FP8
+                        parameters, which are then absent from params/. Keyed by the same state
+                        path; each leaf is {"payload": F8_E4M3 [(layers,) n, out, in],
+                        "scale_inv": float32 [(layers,) n, out_blocks, in_blocks]} holding the n
+                        released tensors of that parameter (hf_mapping name order) as stored.
+    DST/mimo_jax.json   {"format": "mimo-jax-orbax", "version": 1, "dtype": ..., "fp8": bool,
+                        "hf_dtypes": {released name: dtype where it differs from the default},
+                        "source": ...}; written last: a directory without it is not valid
+
+Training work directory::
+
+    WORKDIR/checkpoints/<step>/params/   same tree as DST/params (StandardSave)
+    WORKDIR/checkpoints/<step>/meta/     JsonSave of {"config": cfg.to_hf(), "tokenizer": ...}
+
+`load(WORKDIR)` takes the latest step, `load(WORKDIR/checkpoints/<step>)` that step.
+
+Streamed writing: Orbax saves a tree whose leaves are zero-byte placeholders; a custom type
+handler creates each array (the metadata Orbax itself writes) and then lets the converter fill
+the arrays slab by slab with TensorStore transactions of bounded size, before Orbax finalises
+(and checks that every array has data). So the result is a regular StandardSave checkpoint,
+readable by `ocp.StandardCheckpointer`, but the model is never in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
+from orbax.checkpoint._src.futures import future as ocp_future
+from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers, types
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from mimo_jax.config import ModelConfig
+from mimo_jax.safetensors_io import CheckpointError
+
+FORMAT = "mimo-jax-orbax"
+VERSION = 1
+CHUNK_BYTES = 128 << 20  # chunks larger than this are split (restores stay parallel)
+Path = tuple[Any, ...]
+
+
+# ---------------------------------------------------------------------------- streamed save
+class _Placeholder(np.ndarray):
+    """Shape and dtype of a leaf, no data (a zero-strided view of one element)."""
+
+
+def _placeholder(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> _Placeholder:
+    leaf = np.broadcast_to(np.zeros((), dtype), shape).view(_Placeholder)
+    leaf.key = path
+    return leaf
+
+
+class SlabWriter:
+    """Writes slabs into the arrays being saved; commits a transaction every `txn_bytes`."""
+
+    def __init__(self, stores: dict[Path, ts.TensorStore], txn_bytes: int):
+        self.stores, self.txn_bytes = stores, txn_bytes
+        self._txn, self._pending = ts.Transaction(), 0
+        self.written: dict[Path, int] = dict.fromkeys(stores, 0)
+
+    def write(self, path: Path, index: tuple, value: np.ndarray) -> None:
+        store = self.stores[path]
+        self._txn_store(store)[index].write(value).result()
+        self.written[path] += value.size
+        self._pending += value.nbytes
+        if self._pending >= self.txn_bytes:
+            self.commit()
+
+    def _txn_store(self, store: ts.TensorStore) -> ts.TensorStore:
+        return store.with_transaction(self._txn)
+
+    def commit(self) -> None:
+        if self._pending:
+            self._txn.commit_async().result()
+        self._txn, self._pending = ts.Transaction(), 0
+
+    def check_complete(self) -> None:
+        for path, n in self.written.items():
+            size = math.prod(self.stores[path].shape)
+            if n != size:
+                raise RuntimeError(f"internal: leaf {path} got {n} of {size} elements")
+
+
+class _StreamHandler(type_handlers.NumpyHandler):
+    """Creates the arrays of placeholder leaves (uncompressed, chosen chunks), then runs `fill`.
+
+    `typestr` stays "np.ndarray", so the checkpoint restores with the standard handlers."""
+
+    def __init__(self, fill: Callable[[SlabWriter], None], chunks: dict[Path, tuple[int, ...]],
+                 txn_bytes: int):
+        super().__init__()
+        self.fill, self.chunks, self.txn_bytes = fill, chunks, txn_bytes
+        self.error: BaseException | None = None
+
+    async def _create_and_fill(self, values, infos, args) -> None:
+        stores = {}
+        for value, info, arg in zip(values, infos, args, strict=True):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
+                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint),
+            ).json
+            zarr = spec if spec["driver"].startswith("zarr") else spec["base"]
+            zarr["metadata"]["chunks"] = list(self.chunks[value.key])
+            zarr["metadata"]["compressor"] = None  # weights barely compress; zstd costs CPU
+            stores[value.key] = await ts.open(ts.Spec(spec), create=True, open=True,
+                                              context=info.ts_context)
+        writer = SlabWriter(stores, self.txn_bytes)
+        try:
+            self.fill(writer)
+            writer.commit()
+            writer.check_complete()
+        except BaseException as e:  # Orbax wraps errors; keep the original for the caller
+            self.error = e
+            raise
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [types.SaveArgs()] * len(values)
+        return [ocp_future.CommitFutureAwaitingContractedSignals(
+            self._create_and_fill(values, infos, args), name="mimo_jax_stream")]
+
+
+def default_chunks(shape: tuple[int, ...], unit: tuple[int, ...], itemsize: int
+                   ) -> tuple[int, ...]:
+    """Start from the shape one write covers and halve its largest dim until <= CHUNK_BYTES."""
+    chunk = list(unit)
+    while math.prod(chunk) * itemsize > CHUNK_BYTES and max(chunk) > 1:
+        i = int(np.argmax(chunk))
+        chunk[i] = math.ceil(chunk[i] / 2)
+    return tuple(max(1, c) for c in chunk)
+
+
+def save_streamed(directory: str, leaves: dict[Path, tuple[tuple[int, ...], np.dtype]],
+                  chunks: dict[Path, tuple[int, ...]], fill: Callable[[SlabWriter], None],
+                  *, txn_bytes: int = 256 << 20) -> None:
+    """Save a StandardSave-layout checkpoint of `leaves` whose data `fill(writer)` provides.
+
+    `fill` must write every element of every leaf (checked), slab by slab; a slab should
+    cover whole chunks (else TensorStore reads back and rewrites a chunk).
+    """
+    tree: dict = {}
+    for path, (shape, dtype) in leaves.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(str(k), {})
+        node[str(path[-1])] = _placeholder(path, shape, np.dtype(dtype))
+    handler = _StreamHandler(fill, chunks, txn_bytes)
+    registry = ocp.type_handlers.create_type_handler_registry((_Placeholder, handler))
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    try:
+        ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree))
+    except BaseException:
+        if handler.error is not None:
+            raise handler.error from None
+        raise
+    finally:
+        ckptr.close()
+
+
+# ---------------------------------------------------------------------------- reading
+class LeafReader:
+    """Slab reads of single leaves of an Orbax checkpoint (for streaming exports)."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        self.ocdbt = os.path.exists(os.path.join(self.directory, "manifest.ocdbt"))
+        meta = ocp.StandardCheckpointer().metadata(self.directory)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        self.leaves: dict[Path, Any] = {
+            tuple(_key(k) for k in p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
+        self._open: dict[Path, ts.TensorStore] = {}
+        self._context = ts_utils.get_ts_context(use_ocdbt=self.ocdbt)
+
+    def __contains__(self, path: Path) -> bool:
+        return tuple(str(k) for k in path) in self.leaves
+
+    def store(self, path: Path) -> ts.TensorStore:
+        path = tuple(str(k) for k in path)
+        if path not in self._open:
+            if path not in self.leaves:
+                raise CheckpointError(f"{self.directory}: no parameter {'.'.join(path)}")
+            spec = {"driver": "zarr", "kvstore": ts_utils.build_kvstore_tspec(
+                self.directory, ".".join(path), use_ocdbt=self.ocdbt)}
+            self._open[path] = ts.open(spec, open=True, read=True,
+                                       context=self._context).result()
+        return self._open[path]
+
+    def read(self, path: Path, index: tuple = ()) -> np.ndarray:
+        return np.asarray(self.store(path)[index].read().result())
+
+
+def _key(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
+                   extra: dict[Path, np.ndarray] | None = None):
+    """A `MiMo` with the parameters of an Orbax `params/` checkpoint (StandardSave of
+    `nnx.to_pure_dict(nnx.state(model))`), cast to `cfg.param_dtype` (routers stay float32).
+
+    `extra`: values for leaves absent from the checkpoint (the dequantised FP8 ones).
+    """
+    from mimo_jax.loading import abstract_model
+
+    graphdef, state = nnx.split(abstract_model(cfg))
+    flat = dict(nnx.to_flat_state(state))
+    extra = extra or {}
+    params_dir = os.path.abspath(os.fspath(params_dir))
+    stored = LeafReader(params_dir).leaves
+    target: dict = {}
+    for path, var in flat.items():
+        if path in extra:
+            continue
+        key = tuple(str(k) for k in path)
+        if key not in stored:
+            raise CheckpointError(f"{params_dir}: parameter {'.'.join(key)} is missing")
+        node = target
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype)
+    unknown = sorted(".".join(k) for k in stored if k not in
+                     {tuple(str(x) for x in p) for p in flat})
+    if unknown:
+        raise CheckpointError(f"{params_dir}: parameters the config does not have: {unknown[:3]}")
+    restored = ocp.StandardCheckpointer().restore(params_dir, target)
+    for path, var in flat.items():
+        if path in extra:
+            value = extra[path]
+        else:
+            value = restored
+            for k in path:
+                value = value[str(k)]
+        if tuple(value.shape) != tuple(var.shape):
+            raise CheckpointError(f"{params_dir}: {'.'.join(map(str, path))} has shape "
+                                  f"{tuple(value.shape)}, the config expects {tuple(var.shape)}")
+        var.set_value(jax.numpy.asarray(value, var.dtype))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---------------------------------------------------------------------------- directories
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"missing {path}") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+
+
+def is_model_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "params")) and (
+        os.path.exists(os.path.join(path, "mimo_jax.json")))
+
+
+def training_step_dir(path: str) -> str | None:
+    """The step directory a training work dir / step path refers to (latest step), else None."""
+    ckpts = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpts):
+        steps = [int(n) for n in os.listdir(ckpts)
+                 if n.isdigit() and os.path.isdir(os.path.join(ckpts, n, "params"))]
+        if not steps:
+            raise CheckpointError(f"{ckpts} holds no finished checkpoint step")
+        return os.path.join(ckpts, str(max(steps)))
+    if os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "meta")):
+        return path
+    return None
+
+
+def step_config(step_dir: str) -> dict:
+    """The hub-spelling config stored in a training step's `meta` item."""
+    meta_dir = os.path.join(step_dir, "meta")
+    files = [n for n in os.listdir(meta_dir) if not n.startswith("_")] if os.path.isdir(
+        meta_dir) else []
+    for name in files:
+        meta = read_json(os.path.join(meta_dir, name))
+        if isinstance(meta, dict) and "config" in meta:
+            return meta["config"]
+    raise CheckpointError(f"{meta_dir}: no training metadata with a 'config'")
+
+
+def model_dir_info(path: str) -> dict:
+    info = read_json(os.path.join(path, "mimo_jax.json"))
+    if info.get("format") != FORMAT or info.get("version") != VERSION:
+        raise CheckpointError(f"{path}/mimo_jax.json: not a {FORMAT} v{VERSION} directory")
+    return info
+
+
+def restore_model_dir(path: str, *, dtype: str | None = None, **config_overrides):
+    """A `MiMo` from an Orbax model directory (FP8 leaves dequantised)."""
+    from mimo_jax.checkpoint.convert import fp8_leaf_values
+
+    info = model_dir_info(path)
+    dtype = dtype or info["dtype"]
+    cfg = ModelConfig.from_hf(os.path.join(path, "config.json"), **config_overrides).replace(
+        dtype=dtype, param_dtype=dtype)
+    extra = fp8_leaf_values(os.path.join(path, "fp8"), cfg) if info.get("fp8") else None
+    return restore_params(os.path.join(path, "params"), cfg, extra)
