@@ -53,7 +53,8 @@ def main() -> None:
 
     tokens = BATCH * SEQ
     rows = [
-        ["mimo-jax (jit)", f"{ours_s * 1e3:.0f}", f"{tokens / ours_s:,.0f}", f"{ref_s / ours_s:.2f}x"],
+        ["mimo-jax (jit)", f"{ours_s * 1e3:.0f}", f"{tokens / ours_s:,.0f}",
+         f"{ref_s / ours_s:.2f}x"],
         ["transformers eager", f"{ref_s * 1e3:.0f}", f"{tokens / ref_s:,.0f}", "1.00x"],
     ]
     write_results(

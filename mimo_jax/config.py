@@ -175,7 +175,8 @@ class ModelConfig:
             if self.n_group > 1 and e // self.n_group < 2:
                 fail("grouped routing scores each group by its top-2 experts: need >= 2 per group")
             if k > self.topk_group * (e // self.n_group):
-                fail(f"top-{k} cannot be chosen from {self.topk_group} groups of {e // self.n_group}")
+                fail(f"top-{k} cannot be chosen from {self.topk_group} groups of "
+                     f"{e // self.n_group}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             fail(f"moe_capacity_factor must be > 0 or None, got {self.moe_capacity_factor}")
         if self.num_mtp_layers < 0:

@@ -52,7 +52,7 @@ class RMSNorm(nnx.Module):
 def apply_partial_rope(
     x_btnh: jax.Array, positions_bt: jax.Array, rotary_dim: int, theta: float
 ) -> jax.Array:
-    """Rotate-half (NeoX) RoPE on the first `rotary_dim` dims of each head; the rest pass through."""
+    """Rotate-half (NeoX) RoPE on the first `rotary_dim` dims of each head; the rest pass."""
     if rotary_dim == 0:
         return x_btnh
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
@@ -80,4 +80,5 @@ class DenseMLP(nnx.Module):
         dt = x_btd.dtype
         gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_proj[...].astype(dt))
         up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_proj[...].astype(dt))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, self.down_proj[...].astype(dt))
+        act_btf = jax.nn.silu(gate_btf) * up_btf
+        return jnp.einsum("btf,fd->btd", act_btf, self.down_proj[...].astype(dt))

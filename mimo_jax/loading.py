@@ -19,6 +19,7 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
 from mimo_jax.model import MiMo
 from mimo_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsCheckpoint
+from mimo_jax.sharding import ShardingRules, state_shardings
 
 # Tensors a release may carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -59,6 +60,7 @@ def load(
     *,
     dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    rules: ShardingRules | None = None,
     **config_overrides,
 ) -> MiMo:
     """A ready model from any of:
@@ -71,26 +73,28 @@ def load(
 
     Args:
       dtype: parameter and compute dtype ("bfloat16", "float32"); default: the checkpoint's.
-      mesh: not supported yet (sharded loading comes with `mimo_jax.sharding`).
+      mesh: place every parameter directly in its shards on this mesh (see
+        `mimo_jax.sharding`); the host holds at most one parameter at a time.
+      rules: sharding rules for `mesh` (default: `ShardingRules.preset()`).
       config_overrides: ModelConfig fields to change (for example `sliding_window_keys`-style
         semantics are set through `sliding_attention`).
     """
     from mimo_jax.checkpoint import orbax_io
     from mimo_jax.checkpoint.release import ReleaseReader
 
-    if mesh is not None:
-        raise NotImplementedError("load(mesh=...) is not implemented yet: load unsharded")
+    placement = None if mesh is None else (mesh, rules or ShardingRules.preset())
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
     if orbax_io.is_model_dir(path):
-        return orbax_io.restore_model_dir(path, dtype=dtype, **config_overrides)
+        return orbax_io.restore_model_dir(path, dtype=dtype, placement=placement,
+                                          **config_overrides)
     step = orbax_io.training_step_dir(path)
     if step is not None:
         hf = orbax_io.step_config(step)
         dtype = dtype or str(hf.get("torch_dtype") or "float32")
         cfg = ModelConfig.from_hf(hf, **config_overrides).replace(dtype=dtype, param_dtype=dtype)
-        return orbax_io.restore_params(os.path.join(step, "params"), cfg)
+        return orbax_io.restore_params(os.path.join(step, "params"), cfg, placement=placement)
     ckpt = SafetensorsCheckpoint(path)
     fp8 = [n for n in ckpt if ckpt.dtype(n) in FP8_DTYPES and n + "_scale_inv" in ckpt]
     if fp8:
@@ -98,7 +102,7 @@ def load(
         reader.validate()
         cfg = reader.cfg.replace(dtype=dtype or "bfloat16", param_dtype=dtype or "bfloat16")
         names = {n for n in ckpt if not (n.endswith("_scale_inv") and n[:-10] in fp8)}
-        return load_from_tensors(cfg, reader.read, names, source=path)
+        return load_from_tensors(cfg, reader.read, names, source=path, placement=placement)
     mtp_layers = {int(m.group(1)) for n in ckpt if (m := _MTP_LAYER.match(n))}
     if mtp_layers and mtp_layers != set(range(len(mtp_layers))):
         raise CheckpointError(f"{path}: MTP layers {sorted(mtp_layers)} are not 0..n-1")
@@ -107,13 +111,18 @@ def load(
     cfg = ModelConfig.from_hf(path, **config_overrides).replace(
         num_mtp_layers=len(mtp_layers), dtype=dtype, param_dtype=dtype
     )
-    return load_from_tensors(cfg, ckpt.get, set(ckpt), source=path)
+    return load_from_tensors(cfg, ckpt.get, set(ckpt), source=path, placement=placement)
 
 
-def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str) -> MiMo:
-    """Fill the abstract model from released tensors given by `get(name) -> np.ndarray`."""
+def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str,
+                      placement: tuple[jax.sharding.Mesh, ShardingRules] | None = None) -> MiMo:
+    """Fill the abstract model from released tensors given by `get(name) -> np.ndarray`.
+
+    `placement` (mesh, rules): put each parameter straight into its shards on the mesh.
+    """
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
+    place = placer(state, placement)
     maps = tensor_maps(cfg)
     known = {n for m in maps for n in m.hf_names}
     unknown = sorted(n for n in names - known if not _IGNORED.match(n))
@@ -146,8 +155,17 @@ def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str) ->
                 out[m.block] = value
             else:
                 out[...] = value
-        var.set_value(jnp.asarray(out))
+        var.set_value(place(p, out))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def placer(state: nnx.State, placement: tuple[jax.sharding.Mesh, ShardingRules] | None):
+    """`place(path, host_array) -> jax.Array`: on the default device, or into its shards
+    (checked against the mesh before anything is read)."""
+    if placement is None:
+        return lambda path, value: jnp.asarray(value)
+    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, *placement))}
+    return lambda path, value: jax.device_put(value, shardings[path])
 
 
 def _checkpoint_dtype(path: str) -> str:

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mimo_jax.config import ModelConfig
-from mimo_jax.layers import RouterBias, param
 from mimo_jax.expert_parallel import moe_experts
+from mimo_jax.layers import RouterBias, param
 
 
 class RouterOutput(NamedTuple):
@@ -35,7 +35,8 @@ def select_experts(scores_te: jax.Array, bias_e: jax.Array | None, cfg: ModelCon
         group_scores_tg = jnp.sum(jax.lax.top_k(grouped_tgx, 2)[0], axis=-1)
         _, top_groups = jax.lax.top_k(group_scores_tg, cfg.topk_group)
         group_ok_tg = jnp.any(top_groups[:, :, None] == jnp.arange(cfg.n_group), axis=1)
-        choice_te = jnp.where(jnp.repeat(group_ok_tg, e // cfg.n_group, axis=1), choice_te, -jnp.inf)
+        group_ok_te = jnp.repeat(group_ok_tg, e // cfg.n_group, axis=1)
+        choice_te = jnp.where(group_ok_te, choice_te, -jnp.inf)
     return jax.lax.top_k(choice_te, cfg.num_experts_per_tok)[1].astype(jnp.int32)
 
 

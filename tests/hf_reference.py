@@ -89,7 +89,8 @@ def _swa_attention(x, p, cfg, positions):
     rd = int(hd * rope["partial_rotary_factor"])
     inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, rd, 2).float() / rd))
     ang = positions[:, :, None].float() * inv
-    cos, sin = torch.cat([ang, ang], -1).cos()[:, :, None], torch.cat([ang, ang], -1).sin()[:, :, None]
+    ang = torch.cat([ang, ang], -1)[:, :, None]
+    cos, sin = ang.cos(), ang.sin()
 
     def rot(z):
         zr = z[..., :rd]
@@ -116,7 +117,8 @@ def torch_mtp_logits(model: MiMoV2FlashForCausalLM, tensors: dict[str, torch.Ten
     cfg = model.config
     eps = cfg.rms_norm_eps
     captured = []
-    hook = model.model.layers[-1].register_forward_hook(lambda mod, args, out: captured.append(out))
+    last_layer = model.model.layers[-1]
+    hook = last_layer.register_forward_hook(lambda mod, args, out: captured.append(out))
     try:
         h_normed = model.model(ids).last_hidden_state
     finally:

@@ -47,7 +47,8 @@ def case(request, tmp_path_factory):
     hf = random_hf_model(seed=len(name), **CONFIGS[name])
     path = str(tmp_path_factory.mktemp(name))
     mtp = save_with_mtp(hf, path, N_MTP)
-    ids = torch.randint(0, hf.config.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 23), generator=gen)
     return name, hf, mtp, path, ids
 
 

@@ -148,3 +148,27 @@ def test_multi_process_detection():
     assert is_multi_process_environment({"TPU_WORKER_HOSTNAMES": "t-0,t-1"})
     assert is_multi_process_environment({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
     assert not is_multi_process_environment({"SLURM_NTASKS": "1"})
+
+
+def test_load_restores_directly_into_shards(tmp_path):
+    from hf_reference import random_hf_model
+
+    from mimo_jax.checkpoint.convert import hf_to_orbax
+
+    hf = random_hf_model(vocab_size=64, hidden_size=32, intermediate_size=48,
+                         moe_intermediate_size=16, head_dim=24, v_head_dim=8,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         n_routed_experts=4, num_experts_per_tok=2, sliding_window=4)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_to_orbax(str(tmp_path / "hf"), str(tmp_path / "orbax"), dtype="float32",
+                progress=False)
+    ids = jax.random.randint(jax.random.key(0), (4, 10), 0, 64)
+    want = nnx.jit(lambda m, x: m(x).logits)(mimo_jax.load(tmp_path / "hf", dtype="float32"), ids)
+    mesh, rules = sh.make_mesh("fsdp=2,expert=2,tensor=2"), sh.ShardingRules.preset()
+    for src in ("hf", "orbax"):
+        model = mimo_jax.load(tmp_path / src, dtype="float32", mesh=mesh, rules=rules)
+        for path, var in nnx.to_flat_state(nnx.state(model)):
+            assert var[...].sharding.spec == rules.spec(var.get_metadata()["axes"]), (src, path)
+        with sh.activate(mesh, rules):
+            got = nnx.jit(lambda m, x: m(x).logits)(model, ids)
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=src)

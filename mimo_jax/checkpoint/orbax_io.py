@@ -220,16 +220,22 @@ def _key(k) -> str:
 
 
 def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
-                   extra: dict[Path, np.ndarray] | None = None):
+                   extra: dict[Path, np.ndarray] | None = None, placement=None):
     """A `MiMo` with the parameters of an Orbax `params/` checkpoint (StandardSave of
     `nnx.to_pure_dict(nnx.state(model))`), cast to `cfg.param_dtype` (routers stay float32).
 
     `extra`: values for leaves absent from the checkpoint (the dequantised FP8 ones).
+    `placement` (mesh, rules): restore every parameter directly into its shards.
     """
-    from mimo_jax.loading import abstract_model
+    from mimo_jax.loading import abstract_model, placer
+    from mimo_jax.sharding import state_shardings
 
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
+    place = placer(state, placement)
+    shardings = ({} if placement is None else
+                 {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state,
+                                                                                 *placement))})
     extra = extra or {}
     params_dir = os.path.abspath(os.fspath(params_dir))
     stored = LeafReader(params_dir).leaves
@@ -243,7 +249,7 @@ def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
         node = target
         for k in key[:-1]:
             node = node.setdefault(k, {})
-        node[key[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype)
+        node[key[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings.get(path))
     unknown = sorted(".".join(k) for k in stored if k not in
                      {tuple(str(x) for x in p) for p in flat})
     if unknown:
@@ -259,7 +265,10 @@ def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
         if tuple(value.shape) != tuple(var.shape):
             raise CheckpointError(f"{params_dir}: {'.'.join(map(str, path))} has shape "
                                   f"{tuple(value.shape)}, the config expects {tuple(var.shape)}")
-        var.set_value(jax.numpy.asarray(value, var.dtype))
+        if isinstance(value, jax.Array):
+            var.set_value(value.astype(var.dtype))
+        else:
+            var.set_value(place(path, np.asarray(value, var.dtype)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -312,7 +321,8 @@ def model_dir_info(path: str) -> dict:
     return info
 
 
-def restore_model_dir(path: str, *, dtype: str | None = None, **config_overrides):
+def restore_model_dir(path: str, *, dtype: str | None = None, placement=None,
+                      **config_overrides):
     """A `MiMo` from an Orbax model directory (FP8 leaves dequantised)."""
     from mimo_jax.checkpoint.convert import fp8_leaf_values
 
@@ -321,4 +331,4 @@ def restore_model_dir(path: str, *, dtype: str | None = None, **config_overrides
     cfg = ModelConfig.from_hf(os.path.join(path, "config.json"), **config_overrides).replace(
         dtype=dtype, param_dtype=dtype)
     extra = fp8_leaf_values(os.path.join(path, "fp8"), cfg) if info.get("fp8") else None
-    return restore_params(os.path.join(path, "params"), cfg, extra)
+    return restore_params(os.path.join(path, "params"), cfg, extra, placement=placement)
