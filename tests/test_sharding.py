@@ -21,7 +21,7 @@ from mimo_jax.plan import plan_memory
 # Every sharded dimension divisible by 2: KV heads 2 (full) / 4 (sliding), 8 experts.
 CFG = ModelConfig.tiny(full_attention=AttentionSpec(4, 2, 32, 24, 5e6, 0.25, False, None),
                        sliding_attention=AttentionSpec(4, 4, 32, 24, 1e4, 0.25, True, 9),
-                       num_mtp_layers=2, vocab_size=256)
+                       num_layers=4, num_mtp_layers=1, vocab_size=256)  # scans layers 1-3
 MESHES = ["fsdp=8", "data=2,fsdp=2,expert=2", "fsdp=2,expert=2,tensor=2"]
 
 
