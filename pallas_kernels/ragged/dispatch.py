@@ -1,4 +1,4 @@
-"""The single dispatch point for the grouped matmul: argument checks, then backend -> implementation."""
+"""The single dispatch point for the grouped matmul: argument checks, then backend -> impl."""
 
 from __future__ import annotations
 
@@ -7,9 +7,21 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.ragged.cpu import cpu_bucketed_ragged_matmul
+from pallas_kernels.ragged.pallas_gpu import pallas_gpu_ragged_matmul
+from pallas_kernels.ragged.pallas_tpu import pallas_tpu_ragged_matmul
 from pallas_kernels.ragged.reference import reference_ragged_matmul
 
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {"reference": reference_ragged_matmul}
+# name -> callable with reference_ragged_matmul's keyword signature; each has a custom VJP
+# (vjp.py). The Pallas ones interpret off their own backend (slow: tiny tests only).
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "reference": reference_ragged_matmul,
+    "cpu_bucketed": cpu_bucketed_ragged_matmul,
+    "pallas_tpu": pallas_tpu_ragged_matmul,
+    "pallas_gpu": pallas_gpu_ragged_matmul,
+}
+# backend -> preferred implementation names, first available wins. GPU: ragged_dot is a dense
+# expansion on CUDA with jaxlib 0.10.x (see pallas_gpu.py), so the Pallas kernel comes first.
 _DEFAULTS: dict[str, tuple[str, ...]] = {
     "tpu": ("pallas_tpu", "reference"),
     "gpu": ("pallas_gpu", "reference"),
@@ -37,7 +49,8 @@ def ragged_matmul(
 
     Group g owns the next ``group_sizes[g]`` rows and multiplies them by ``w[g]`` ([K, N], or
     [N, K] with ``transpose_rhs``). Rows past ``sum(group_sizes)`` come back as zeros.
-    Returns [M, N] in ``preferred_element_type`` (default: x's dtype).
+    Returns [M, N] in ``preferred_element_type`` (default: x's dtype). Differentiable in x and
+    w (rows past the sum get zero gradient); ``sum(group_sizes)`` must not exceed M.
     """
     if x.ndim != 2 or w.ndim != 3 or group_sizes.ndim != 1:
         raise ValueError(
