@@ -23,7 +23,7 @@ import mimo_jax  # noqa: E402
 
 HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
                  moe_intermediate_size=160, num_hidden_layers=8, num_attention_heads=6,
-                 num_key_value_heads=1, head_dim=64, v_head_dim=48, n_routed_experts=32,
+                 num_key_value_heads=1, head_dim=96, v_head_dim=64, n_routed_experts=32,
                  num_experts_per_tok=4, sliding_window=129, max_position_embeddings=4096)
 BATCH, SEQ = 2, 1024
 

@@ -13,6 +13,8 @@ _COMMANDS = [
     "mimo_jax.commands.plan",
     "mimo_jax.commands.convert",
     "mimo_jax.commands.inspect",
+    "mimo_jax.commands.train",
+    "mimo_jax.commands.demo",
 ]
 
 

@@ -1,0 +1,95 @@
+"""Tokenizers: a built-in byte-level one and any Hugging Face `tokenizer.json`.
+
+A tokenizer is described by a small JSON-able spec (recorded with every checkpoint), so that
+`load_tokenizer(spec)` rebuilds exactly the tokenizer a model was trained with:
+- `{"kind": "byte"}`: ids 0..255 are the UTF-8 bytes, then BOS=256, EOS=257, PAD=258;
+- `{"kind": "hf", "path": ".../tokenizer.json", "bos": "<s>" | null, "eos": "</s>" | null}`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+    spec: dict[str, Any]
+    vocab_size: int  # ids are in [0, vocab_size); the model vocabulary may be larger
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str) -> np.ndarray: ...
+
+    def decode(self, ids) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 plus BOS/EOS/PAD; decoding drops specials and bad bytes."""
+
+    BOS, EOS, PAD = 256, 257, 258
+
+    def __init__(self) -> None:
+        self.spec: dict[str, Any] = {"kind": "byte"}
+        self.vocab_size = 259
+        self.bos_id, self.eos_id, self.pad_id = self.BOS, self.EOS, self.PAD
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < 256)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """Any `tokenizer.json` through the `tokenizers` package (no network access needed)."""
+
+    def __init__(self, path: str, bos: str | None = None, eos: str | None = None) -> None:
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError as e:  # pragma: no cover - tokenizers ships with transformers
+            raise ImportError("the 'tokenizers' package is needed for HF tokenizers") from e
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer.json at {path}")
+        try:
+            self._tok = _Tok.from_file(path)
+        except Exception as e:
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+        self.spec = {"kind": "hf", "path": os.path.abspath(path), "bos": bos, "eos": eos}
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._special(bos)
+        self.eos_id = self._special(eos)
+        self.pad_id = None
+
+    def _special(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        idx = self._tok.token_to_id(token)
+        if idx is None:
+            raise ValueError(f"special token {token!r} is not in {self.spec['path']}")
+        return int(idx)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+
+def load_tokenizer(spec: dict[str, Any] | None) -> Tokenizer:
+    """The tokenizer a spec describes (None = the byte tokenizer)."""
+    spec = dict(spec or {"kind": "byte"})
+    kind = spec.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        if not spec.get("path"):
+            raise ValueError("an HF tokenizer spec needs 'path' (a tokenizer.json or its folder)")
+        return HFTokenizer(spec["path"], bos=spec.get("bos"), eos=spec.get("eos"))
+    raise ValueError(f"unknown tokenizer kind {kind!r} in {spec}; want 'byte' or 'hf'")

@@ -1,0 +1,279 @@
+"""The training loop: data, model, optimizer, checkpoints with exact resume, metrics, SIGTERM.
+
+`train(tc, workdir)` resumes from the latest checkpoint in `workdir/checkpoints` when there is
+one (the model config and tokenizer must match), else starts from a random init. Every
+`save_every` steps, at the end, on SIGTERM/SIGINT (a TPU VM preemption) and when the time
+limit is reached it saves params, optimizer state, data-iterator state, RNG and configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mimo_jax.config import ModelConfig
+from mimo_jax.data import (
+    load_tokenizer,
+    open_source,
+    split_documents,
+    train_iterator,
+    validation_batches,
+)
+from mimo_jax.model import MiMo
+from mimo_jax.safetensors_io import CheckpointError
+from mimo_jax.train.checkpointing import Checkpointer, check_compatible, model_config_dict
+from mimo_jax.train.config import TrainConfig
+from mimo_jax.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device
+from mimo_jax.train.optimizer import make_optimizer
+from mimo_jax.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int  # the step reached (and saved)
+    start_step: int  # where this run started (0 or the resumed checkpoint)
+    losses: list[float]  # per-step training loss of this run
+    val_loss: float | None
+    val_perplexity: float | None
+    stopped_by: str  # "steps" | "signal" | "time_limit"
+    model: MiMo | None = None
+
+
+def _meta(tc: TrainConfig, cfg: ModelConfig, tok_spec: dict, step: int) -> dict[str, Any]:
+    return {
+        "config": cfg.to_hf(),
+        "model_config": model_config_dict(cfg),
+        "tokenizer": tok_spec,
+        "train_config": tc.to_dict(),
+        "step": step,
+    }
+
+
+def evaluate(eval_step, params, other, batches) -> tuple[float, float]:
+    """(mean main-head CE, perplexity) over fixed validation batches."""
+    nll = count = 0.0
+    for b in batches:
+        s, c = eval_step(params, other, {k: jnp.asarray(v) for k, v in b.items()})
+        nll += float(s[0])
+        count += float(c[0])
+    loss = nll / max(count, 1.0)
+    return loss, math.exp(min(loss, 50.0))
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
+    cfg = tc.model_config()
+    tc.validate(cfg)
+    if jax.process_count() > 1:
+        # Each host packs its own shard of documents, but the step runs unsharded on one
+        # device: without the mesh (sharding issue) hosts would not share gradients.
+        raise NotImplementedError("multi-host training needs the sharded step (not yet)")
+    tok = load_tokenizer(tc.data.tokenizer)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} ids but the model vocab_size is "
+            f"{cfg.vocab_size}: set model.vocab_size >= {tok.vocab_size}"
+        )
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
+    latest = ckpt.latest_step()
+    if latest is not None:  # fail on an incompatible checkpoint before any work
+        check_compatible(ckpt.read_meta(latest), cfg, tok.spec, ckpt.step_dir(latest))
+
+    docs = open_source(tc.data.source, tc.data.kind, tc.data.field)
+    split = split_documents(
+        len(docs), tc.data.val_fraction, tc.data.seed, jax.process_index(), jax.process_count()
+    )
+    local_batch = tc.batch_size // jax.process_count()
+    data_it = train_iterator(docs, split, tok, tc.seq_len, local_batch, tc.data.seed)
+    val = validation_batches(docs, split, tok, tc.seq_len, local_batch, tc.data.val_batches)
+
+    abstract = nnx.eval_shape(lambda: MiMo(cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat))
+    tx = make_optimizer(tc)
+    rng = jax.random.key_data(jax.random.key(tc.seed))
+    if latest is None:
+        model = MiMo(cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat)
+        graphdef, params, other = nnx.split(model, nnx.Param, ...)
+        opt_state = tx.init(params)
+        step = 0
+    else:
+        state = nnx.state(abstract)
+        _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
+        restored, opt_state, rng = ckpt.restore(
+            latest,
+            model_state=nnx.to_pure_dict(state),
+            opt_state=jax.eval_shape(tx.init, abs_params),
+            data_iter=data_it,
+            rng=rng,
+        )
+        nnx.replace_by_pure_dict(state, restored)
+        model = nnx.merge(nnx.graphdef(abstract), state)
+        graphdef, params, other = nnx.split(model, nnx.Param, ...)
+        step = latest
+    start_step = step
+
+    train_step = make_train_step(graphdef, tc, cfg, tx)
+    eval_step = make_eval_step(graphdef, tc)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    flops_step = flops_per_token(cfg, tc.seq_len) * tokens_per_step
+    peak, _ = peak_flops_per_device()  # the step runs on one device (no sharding yet)
+    logger = MetricsLogger(
+        workdir,
+        total_steps=None if tc.time_limit_minutes else tc.steps,
+        start_step=step,
+        tensorboard=tc.tensorboard,
+        progress_bar=tc.progress_bar,
+        console_every=tc.console_every,
+    )
+    say = log or logger.write
+    say(
+        f"{'resuming from step ' + str(step) if latest is not None else 'starting'}: "
+        f"{len(split.train)} train / {len(split.val)} val documents, "
+        f"{tokens_per_step} tokens/step, {flops_per_token(cfg, tc.seq_len):.3g} FLOPs/token"
+    )
+
+    def save(at: int, wait: bool = False) -> None:
+        ckpt.save(
+            at,
+            model_state=nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, params, other))),
+            opt_state=opt_state,
+            data_iter=data_it,
+            rng=rng,
+            meta=_meta(tc, cfg, tok.spec, at),
+            wait=wait,
+        )
+
+    losses: list[float] = []
+    val_loss = val_ppl = None
+    stopped_by = "steps"
+    val_step = None
+    saved_at = latest
+    t_start = time.monotonic()
+    t_last, step_last = time.perf_counter(), step
+    try:
+        with _StopFlag() as stop:
+            while step < tc.steps:
+                batch = {k: jnp.asarray(v) for k, v in next(data_it).items()}
+                params, other, opt_state, m = train_step(
+                    params, other, opt_state, batch, jnp.asarray(step, jnp.int32)
+                )
+                step += 1
+                if step % tc.log_every == 0 or step == tc.steps:
+                    m = jax.device_get(m)
+                    now = time.perf_counter()
+                    dt = (now - t_last) / max(step - step_last, 1)
+                    t_last, step_last = now, step
+                    rec = {
+                        "step": step,
+                        **m,
+                        "step_time_s": dt,
+                        "tokens_per_s": tokens_per_step / dt,
+                        "mfu": flops_step / dt / peak,
+                    }
+                    losses.append(float(m["loss"]))
+                    logger.log(rec)
+                    logger.advance(step, float(m["loss"]))
+                if val and (step % tc.val_every == 0 or step == tc.steps):
+                    val_loss, val_ppl = evaluate(eval_step, params, other, val)
+                    val_step = step
+                    logger.log(
+                        {"step": step, "split": "val", "loss": val_loss, "perplexity": val_ppl}
+                    )
+                    t_last = time.perf_counter()
+                if step % tc.save_every == 0:
+                    save(step)
+                    saved_at = step
+                if stop.signal is not None:
+                    stopped_by = "signal"
+                    say(f"signal {stop.signal}: saving step {step} and stopping")
+                    break
+                if (
+                    tc.time_limit_minutes
+                    and time.monotonic() - t_start > 60 * tc.time_limit_minutes
+                ):
+                    stopped_by = "time_limit"
+                    break
+        if saved_at != step:
+            save(step, wait=True)
+        if val and val_step != step:  # the reported validation is of the final params
+            val_loss, val_ppl = evaluate(eval_step, params, other, val)
+    finally:
+        ckpt.close()
+        logger.close()
+    return TrainResult(
+        step, start_step, losses, val_loss, val_ppl, stopped_by, nnx.merge(graphdef, params, other)
+    )
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> tuple[MiMo, dict[str, Any]]:
+    """The model (all variables) and meta of a training checkpoint, for sampling or export."""
+    from mimo_jax.train.checkpointing import model_config_from_dict
+
+    ckpt = Checkpointer(workdir, keep=1 << 30, async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+        meta = ckpt.read_meta(step)
+        cfg = model_config_from_dict(meta["model_config"])
+        abstract = nnx.eval_shape(lambda: MiMo(cfg, rngs=nnx.Rngs(0)))
+        state = nnx.state(abstract)
+        import orbax.checkpoint as ocp
+
+        from mimo_jax.train.checkpointing import _abstract
+
+        out = ckpt.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(state)))
+            ),
+        )
+        nnx.replace_by_pure_dict(state, out.params)
+        return nnx.merge(nnx.graphdef(abstract), state), meta
+    finally:
+        ckpt.close()
+
+
+def greedy_complete(model: MiMo, prompt_ids: np.ndarray, n_new: int) -> np.ndarray:
+    """Plain greedy decoding with a full forward per token (no KV cache): for demos only."""
+    ids = np.asarray(prompt_ids, np.int32)[None]
+    max_len = ids.shape[1] + n_new
+    fwd = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
+    buf = np.zeros((1, max_len), np.int32)
+    buf[:, : ids.shape[1]] = ids
+    for t in range(ids.shape[1], max_len):
+        # Fixed-length buffer: causal attention makes later (zero) tokens irrelevant to t-1.
+        logits = fwd(model, jnp.asarray(buf))
+        buf[0, t] = int(jnp.argmax(logits[0, t - 1]))
+    return buf[0, ids.shape[1] :]

@@ -1,0 +1,189 @@
+"""Training metrics: FLOPs per token and an MFU estimate, JSONL + TensorBoard + console output.
+
+`WORKDIR/metrics.jsonl` gets one JSON object per logged step (at least `step` and `loss`);
+validation records carry `"split": "val"`. TensorBoard event files go to `WORKDIR/tensorboard`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mimo_jax.config import AttentionSpec, ModelConfig
+
+
+def _attn_matmul_params(spec: AttentionSpec, d: int) -> int:
+    h, kv = spec.num_heads, spec.num_kv_heads
+    return (
+        d * h * spec.head_dim + d * kv * (spec.head_dim + spec.v_head_dim) + h * spec.v_head_dim * d
+    )
+
+
+def _mean_context(spec: AttentionSpec, seq_len: int) -> float:
+    """Keys per query averaged over a causal row: (T+1)/2 for full, ~window for sliding."""
+    t = np.arange(1, seq_len + 1)
+    keys = t if spec.window is None else np.minimum(t, spec.window)
+    return float(keys.mean())
+
+
+def _attn_score_flops(spec: AttentionSpec, seq_len: int) -> float:
+    """QK^T and PV multiply-adds per token (x2 for FLOPs)."""
+    return 2.0 * spec.num_heads * (spec.head_dim + spec.v_head_dim) * _mean_context(spec, seq_len)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, num_mtp: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), active parameters only.
+
+    Sliding-window attention counts as linear in its window, full attention as (T+1)/2 keys.
+    The embedding lookup is free; every LM-head application (main and each MTP head) counts.
+    """
+    d = cfg.hidden_size
+    n_mtp = cfg.num_mtp_layers if num_mtp is None else num_mtp
+    fwd = 0.0
+    for attn_type, mlp_type in cfg.layer_kinds:
+        spec = cfg.attention_spec(attn_type)
+        fwd += 2 * _attn_matmul_params(spec, d) + _attn_score_flops(spec, seq_len)
+        if mlp_type == "moe":
+            fwd += 2 * (
+                d * cfg.num_experts + cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size
+            )
+        else:
+            fwd += 2 * 3 * d * cfg.intermediate_size
+    lm_head = 2 * d * cfg.vocab_size
+    swa = cfg.sliding_attention
+    mtp = (
+        2 * 2 * d * d
+        + 2 * _attn_matmul_params(swa, d)
+        + _attn_score_flops(swa, seq_len)
+        + 2 * 3 * d * cfg.intermediate_size
+        + lm_head
+    )
+    fwd += lm_head + n_mtp * mtp
+    return 3.0 * fwd
+
+
+# Dense bf16 peak FLOP/s per chip by device_kind prefix (public spec sheets).
+_PEAKS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6": 918e12,
+    "TPU7x": 2307e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA B200": 2250e12,
+}
+_cpu_peak: float | None = None
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(FLOP/s, how it was obtained): a spec-sheet number, or for CPUs a measured f32 matmul."""
+    global _cpu_peak
+    dev = jax.devices()[0]
+    for prefix, peak in _PEAKS.items():
+        if dev.device_kind.startswith(prefix):
+            return peak, f"spec sheet ({dev.device_kind})"
+    if _cpu_peak is None:
+        n = 1024
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        t0, reps = time.perf_counter(), 5
+        for _ in range(reps):
+            f(a).block_until_ready()
+        _cpu_peak = reps * 2 * n**3 / (time.perf_counter() - t0)
+    return _cpu_peak, "measured 1024^2 f32 matmul on this CPU"
+
+
+class MetricsLogger:
+    """Writes metrics to JSONL, TensorBoard (scalars) and the console (tqdm bar + summaries)."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int | None,
+        start_step: int,
+        tensorboard: bool,
+        progress_bar: bool,
+        console_every: int,
+    ):
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = None
+        if tensorboard:
+            from mimo_jax.train.tensorboard import EventWriter
+
+            self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
+        self._bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.console_every = console_every
+
+    def log(self, record: dict[str, Any]) -> None:
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        self._jsonl.write(json.dumps(clean) + "\n")
+        self._jsonl.flush()
+        step = int(clean["step"])
+        prefix = "val/" if clean.get("split") == "val" else "train/"
+        if self._tb is not None:
+            scalars = {}
+            for k, v in clean.items():
+                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+                    scalars[prefix + k] = v
+                elif isinstance(v, list) and v and all(isinstance(x, int | float) for x in v):
+                    scalars.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v)})
+            self._tb.scalars(step, scalars)
+            self._tb.flush()
+        if clean.get("split") == "val":
+            self.write(
+                f"step {step}: val loss {clean['loss']:.4f}, perplexity {clean['perplexity']:.2f}"
+            )
+        elif step % self.console_every == 0:
+            mtp = ", ".join(f"{x:.3f}" for x in clean.get("mtp_ce", []))
+            self.write(
+                f"step {step}: loss {clean['loss']:.4f} ce {clean['ce']:.4f} mtp [{mtp}] "
+                f"gnorm {clean['grad_norm']:.3f} lr {clean['lr']:.2e} "
+                f"{clean.get('tokens_per_s', 0):.0f} tok/s mfu {100 * clean.get('mfu', 0):.1f}%"
+            )
+
+    def advance(self, step: int, loss: float | None = None) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.refresh()
+
+    def write(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl.close()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, jax.Array | np.ndarray | np.generic):
+        v = np.asarray(v)
+        v = v.item() if v.ndim == 0 else v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
