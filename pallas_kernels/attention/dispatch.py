@@ -7,10 +7,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.attention.pallas_gpu import pallas_gpu_attention
+from pallas_kernels.attention.pallas_tpu import pallas_tpu_attention
 from pallas_kernels.attention.reference import reference_attention
+from pallas_kernels.attention.xla_banded import xla_attention
 
 # name -> callable with reference_attention's keyword signature.
-IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {"reference": reference_attention}
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "reference": reference_attention,
+    "xla": xla_attention,
+    "pallas_tpu": pallas_tpu_attention,
+    "pallas_gpu": pallas_gpu_attention,
+}
 # backend -> preferred implementation names, first available wins.
 _DEFAULTS: dict[str, tuple[str, ...]] = {
     "tpu": ("pallas_tpu", "xla"),
@@ -59,7 +67,9 @@ def attention(
     """
     b, t, hq, dqk = q.shape
     if k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != b:
-        raise ValueError(f"attention: k {k.shape} and v {v.shape} must be [B, S, Hkv, D] with B={b}")
+        raise ValueError(
+            f"attention: k {k.shape} and v {v.shape} must be [B, S, Hkv, D] with B={b}"
+        )
     if k.shape[-1] != dqk:
         raise ValueError(f"attention: q head dim {dqk} != k head dim {k.shape[-1]}")
     hkv = k.shape[2]
@@ -80,14 +90,18 @@ def attention(
         if q_offset.ndim == 0:
             q_seg = jax.lax.dynamic_slice_in_dim(kv_seg, q_offset, t, axis=1)
         else:
-            q_seg = jax.vmap(lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, t))(kv_seg, q_offset)
+            q_seg = jax.vmap(lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, t))(
+                kv_seg, q_offset
+            )
     if kv_seg is not None and (kv_seg.shape != (b, s) or q_seg.shape != (b, t)):
         raise ValueError(
             f"attention: segment ids {q_seg.shape}/{kv_seg.shape} do not match B={b}, T={t}, S={s}"
         )
     name = implementation or _default_implementation()
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"attention: unknown implementation {name!r}; have {sorted(IMPLEMENTATIONS)}")
+        raise ValueError(
+            f"attention: unknown implementation {name!r}; have {sorted(IMPLEMENTATIONS)}"
+        )
     return IMPLEMENTATIONS[name](
         q, k, v, sinks=sinks, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
         q_offset=q_offset, scale=dqk**-0.5 if scale is None else scale,
