@@ -229,17 +229,22 @@ def active() -> tuple[Mesh, ShardingRules] | None:
     return _ACTIVE.get()
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Pin an activation's sharding when a mesh is active; a no-op otherwise. Mesh axes that
-    do not divide a dimension (a batch of 1 while generating) are left out for that call."""
-    ctx = _ACTIVE.get()
-    if ctx is None:
-        return x
-    mesh, rules = ctx
+def activation_sharding(mesh: Mesh, rules: ShardingRules, shape: Sequence[int],
+                        logical_axes: Sequence[str | None]) -> NamedSharding:
+    """Sharding of an activation (or input batch). Mesh axes that do not divide a dimension
+    (a batch of 1 while generating) are left out rather than failing."""
     spec = []
-    for size, name in zip(x.shape, logical_axes, strict=True):
+    for size, name in zip(shape, logical_axes, strict=True):
         axes = tuple(a for a in rules.mesh_axes(name) if mesh.shape[a] > 1)
         while axes and size % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]
         spec.append(axes or None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding when a mesh is active; a no-op otherwise."""
+    ctx = _ACTIVE.get()
+    if ctx is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_sharding(*ctx, x.shape, logical_axes))

@@ -53,6 +53,8 @@ class TrainConfig:
     param_dtype: str = "float32"  # master weights and optimizer state
     compute_dtype: str = "float32"  # activations / matmul inputs ("bfloat16" on accelerators)
     remat: str = "none"  # none | full | dots | dots_no_batch
+    mesh: str = ""  # "" = one device; else e.g. "data=1,fsdp=-1,expert=4,tensor=1"
+    sharding_preset: str = "fsdp_tensor_expert"  # fsdp | fsdp_expert | fsdp_tensor_expert
     loss_chunk_tokens: int = 8192  # CE is computed over token chunks of this size
     # loss (paper §1.4, §2)
     mtp_lambda: float = 0.3  # MTP weight up to `mtp_lambda_switch_step`

@@ -8,6 +8,7 @@ limit is reached it saves params, optimizer state, data-iterator state, RNG and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.config import ModelConfig
 from mimo_jax.data import (
@@ -30,6 +32,13 @@ from mimo_jax.data import (
 )
 from mimo_jax.model import MiMo
 from mimo_jax.safetensors_io import CheckpointError
+from mimo_jax.sharding import (
+    ShardingRules,
+    activate,
+    activation_sharding,
+    create_sharded,
+    make_mesh,
+)
 from mimo_jax.train.checkpointing import Checkpointer, check_compatible, model_config_dict
 from mimo_jax.train.config import TrainConfig
 from mimo_jax.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device
@@ -58,11 +67,11 @@ def _meta(tc: TrainConfig, cfg: ModelConfig, tok_spec: dict, step: int) -> dict[
     }
 
 
-def evaluate(eval_step, params, other, batches) -> tuple[float, float]:
+def evaluate(eval_step, params, other, batches, to_device) -> tuple[float, float]:
     """(mean main-head CE, perplexity) over fixed validation batches."""
     nll = count = 0.0
     for b in batches:
-        s, c = eval_step(params, other, {k: jnp.asarray(v) for k, v in b.items()})
+        s, c = eval_step(params, other, to_device(b))
         nll += float(s[0])
         count += float(c[0])
     loss = nll / max(count, 1.0)
@@ -95,10 +104,11 @@ class _StopFlag:
 def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
     cfg = tc.model_config()
     tc.validate(cfg)
-    if jax.process_count() > 1:
-        # Each host packs its own shard of documents, but the step runs unsharded on one
-        # device: without the mesh (sharding issue) hosts would not share gradients.
-        raise NotImplementedError("multi-host training needs the sharded step (not yet)")
+    placement = None
+    if tc.mesh:
+        placement = (make_mesh(tc.mesh), ShardingRules.preset(tc.sharding_preset))
+    elif jax.process_count() > 1:
+        raise ValueError("multi-host training needs a mesh: set mesh=... (e.g. fsdp=-1)")
     tok = load_tokenizer(tc.data.tokenizer)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(
@@ -119,26 +129,40 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
     data_it = train_iterator(docs, split, tok, tc.seq_len, local_batch, tc.data.seed)
     val = validation_batches(docs, split, tok, tc.seq_len, local_batch, tc.data.val_batches)
 
-    abstract = nnx.eval_shape(lambda: MiMo(cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat))
     tx = make_optimizer(tc)
     rng = jax.random.key_data(jax.random.key(tc.seed))
-    if latest is None:
+    if placement is None:
         model = MiMo(cfg, rngs=nnx.Rngs(tc.seed), remat=tc.remat)
+    else:  # parameters are created in their shards; the optimizer state follows them
+        model = create_sharded(cfg, *placement, seed=tc.seed, remat=tc.remat)
+    def init_opt_state(params):
+        opt_state = jax.jit(tx.init)(params)
+        if placement is None:
+            return opt_state
+        # Leaves that follow no parameter (the step count) go to every device of the mesh.
+        replicated = NamedSharding(placement[0], PartitionSpec())
+        return jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) > 1 else jax.device_put(x, replicated),
+            opt_state,
+        )
+
+    if latest is None:
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
-        opt_state = tx.init(params)
+        opt_state = init_opt_state(params)
         step = 0
     else:
-        state = nnx.state(abstract)
-        _, abs_params, _ = nnx.split(abstract, nnx.Param, ...)
+        # The fresh model and optimizer state are the restore targets: shapes and shardings.
+        state = nnx.state(model)
+        _, fresh_params, _ = nnx.split(model, nnx.Param, ...)
         restored, opt_state, rng = ckpt.restore(
             latest,
             model_state=nnx.to_pure_dict(state),
-            opt_state=jax.eval_shape(tx.init, abs_params),
+            opt_state=init_opt_state(fresh_params),
             data_iter=data_it,
             rng=rng,
         )
         nnx.replace_by_pure_dict(state, restored)
-        model = nnx.merge(nnx.graphdef(abstract), state)
+        model = nnx.merge(nnx.graphdef(model), state)
         graphdef, params, other = nnx.split(model, nnx.Param, ...)
         step = latest
     start_step = step
@@ -147,7 +171,21 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
     eval_step = make_eval_step(graphdef, tc)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_step = flops_per_token(cfg, tc.seq_len) * tokens_per_step
-    peak, _ = peak_flops_per_device()  # the step runs on one device (no sharding yet)
+    peak, _ = peak_flops_per_device()
+    if placement is not None:
+        peak *= placement[0].size
+
+    def to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if placement is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        # Each host holds its rows of the global batch; the array spans the whole mesh.
+        out = {}
+        for k, v in batch.items():
+            shape = (tc.batch_size, *v.shape[1:])
+            sharding = activation_sharding(*placement, shape, ("batch",) + (None,) * (v.ndim - 1))
+            out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+        return out
+
     logger = MetricsLogger(
         workdir,
         total_steps=None if tc.time_limit_minutes else tc.steps,
@@ -182,9 +220,10 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
     t_start = time.monotonic()
     t_last, step_last = time.perf_counter(), step
     try:
-        with _StopFlag() as stop:
+        mesh_ctx = contextlib.nullcontext() if placement is None else activate(*placement)
+        with _StopFlag() as stop, mesh_ctx:
             while step < tc.steps:
-                batch = {k: jnp.asarray(v) for k, v in next(data_it).items()}
+                batch = to_device(next(data_it))
                 params, other, opt_state, m = train_step(
                     params, other, opt_state, batch, jnp.asarray(step, jnp.int32)
                 )
@@ -205,7 +244,7 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
                     logger.log(rec)
                     logger.advance(step, float(m["loss"]))
                 if val and (step % tc.val_every == 0 or step == tc.steps):
-                    val_loss, val_ppl = evaluate(eval_step, params, other, val)
+                    val_loss, val_ppl = evaluate(eval_step, params, other, val, to_device)
                     val_step = step
                     logger.log(
                         {"step": step, "split": "val", "loss": val_loss, "perplexity": val_ppl}
@@ -227,7 +266,8 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
         if saved_at != step:
             save(step, wait=True)
         if val and val_step != step:  # the reported validation is of the final params
-            val_loss, val_ppl = evaluate(eval_step, params, other, val)
+            with contextlib.nullcontext() if placement is None else activate(*placement):
+                val_loss, val_ppl = evaluate(eval_step, params, other, val, to_device)
     finally:
         ckpt.close()
         logger.close()
