@@ -15,6 +15,7 @@ _COMMANDS = [
     "mimo_jax.commands.inspect",
     "mimo_jax.commands.train",
     "mimo_jax.commands.demo",
+    "mimo_jax.commands.generate",
 ]
 
 
