@@ -140,7 +140,7 @@ def test_jsonl_and_arrayrecord_sources(tmp_path):
 
 
 def test_parquet_source(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # in the test extras
     import pyarrow.parquet as pq
 
     p = tmp_path / "data.parquet"

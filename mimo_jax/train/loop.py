@@ -303,17 +303,3 @@ def load_checkpoint(workdir: str, step: int | None = None) -> tuple[MiMo, dict[s
         return nnx.merge(nnx.graphdef(abstract), state), meta
     finally:
         ckpt.close()
-
-
-def greedy_complete(model: MiMo, prompt_ids: np.ndarray, n_new: int) -> np.ndarray:
-    """Plain greedy decoding with a full forward per token (no KV cache): for demos only."""
-    ids = np.asarray(prompt_ids, np.int32)[None]
-    max_len = ids.shape[1] + n_new
-    fwd = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
-    buf = np.zeros((1, max_len), np.int32)
-    buf[:, : ids.shape[1]] = ids
-    for t in range(ids.shape[1], max_len):
-        # Fixed-length buffer: causal attention makes later (zero) tokens irrelevant to t-1.
-        logits = fwd(model, jnp.asarray(buf))
-        buf[0, t] = int(jnp.argmax(logits[0, t - 1]))
-    return buf[0, ids.shape[1] :]
