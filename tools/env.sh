@@ -19,7 +19,8 @@ spec="."
 # Reinstall only when the requirements changed since the last install.
 stamp=".venv/.mimo-jax-installed-$(cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)-${extras:-base}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec"
+  # -qq: this machine's pip index config warns about every missing mirror folder.
+  .venv/bin/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e "$spec"
   touch "$stamp"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

@@ -66,7 +66,11 @@ def run(args: argparse.Namespace) -> int:
             runs[k] = mimo_jax.generate(model, [args.prompt], tokenizer=tok, speculative=k,
                                         max_new_tokens=args.sample_tokens)
     plain, spec = runs[0], runs[args.speculative]
-    print("sample (greedy):\n" + "-" * 60 + "\n" + args.prompt + plain.text[0] + "\n" + "-" * 60)
+    sampled = mimo_jax.generate(model, [args.prompt], tokenizer=tok, temperature=0.8, top_p=0.95,
+                                seed=0, max_new_tokens=args.sample_tokens)
+    rule = "-" * 60
+    print(f"sample (temperature 0.8, top-p 0.95):\n{rule}\n{args.prompt}{sampled.text[0]}\n{rule}")
+    print(f"sample (greedy):\n{rule}\n{args.prompt}{plain.text[0]}\n{rule}")
     print(f"plain decoding: {plain.tokens_per_second:.0f} tokens/s")
     if args.speculative:
         same = spec.tokens == plain.tokens
