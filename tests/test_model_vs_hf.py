@@ -3,6 +3,7 @@ torch -> save_pretrained -> mimo_jax.load, the path a user takes."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,3 +94,25 @@ def test_bf16_close_to_float32(case):
     # bf16 keeps ~3 significant digits; errors compound over layers.
     assert np.abs(bf16 - f32).max() <= 0.05 * np.abs(f32).max() + 1e-3
     assert (bf16.argmax(-1) == f32.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("implementation", ["reference", "pallas_tpu", "pallas_gpu"])
+def test_logits_match_transformers_with_each_attention_kernel(implementation, tmp_path):
+    """The default (xla) path is covered above; the Pallas kernels run in interpret mode."""
+    from flax import nnx
+
+    from pallas_kernels.attention import use_implementation
+
+    hf = random_hf_model(seed=5, **CONFIGS["grouped_routing"])
+    hf.save_pretrained(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 23), generator=gen)
+    with torch.no_grad():
+        want = hf(ids).logits.numpy()
+    model = mimo_jax.load(tmp_path, dtype="float32")
+    x = jnp.asarray(ids.numpy())
+    with use_implementation(implementation):
+        got = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)(model, x)
+        jaxpr = str(jax.make_jaxpr(lambda x: model(x, compute_mtp=False).logits)(x))
+    assert ("pallas_call" in jaxpr) == implementation.startswith("pallas")
+    assert np.abs(np.asarray(got) - want).max() <= 1e-4

@@ -1,5 +1,5 @@
 """Causal (optionally sliding-window) attention with per-head sinks: one op, several backends."""
 
-from pallas_kernels.attention.dispatch import IMPLEMENTATIONS, attention
+from pallas_kernels.attention.dispatch import IMPLEMENTATIONS, attention, use_implementation
 
-__all__ = ["IMPLEMENTATIONS", "attention"]
+__all__ = ["IMPLEMENTATIONS", "attention", "use_implementation"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,27 @@ _DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Set by `use_implementation`: callers that do not name an implementation get this one.
+_SELECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention", default=None)
+
+
+@contextlib.contextmanager
+def use_implementation(name: str) -> Iterator[None]:
+    """Route every `attention` call traced in this block (the model's too) to `name`."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention: unknown implementation {name!r}; have {sorted(IMPLEMENTATIONS)}"
+        )
+    token = _SELECTED.set(name)
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
 def _default_implementation() -> str:
+    if _SELECTED.get() is not None:
+        return _SELECTED.get()
     for name in _DEFAULTS.get(jax.default_backend(), ("xla",)):
         if name in IMPLEMENTATIONS:
             return name
