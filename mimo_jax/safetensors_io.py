@@ -130,7 +130,9 @@ class SafetensorsCheckpoint:
                 with open(index_path) as f:
                     weight_map: dict[str, str] = json.load(f)["weight_map"]
             except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+                raise CheckpointError(
+                    f"{index_path}: not a valid safetensors index ({e})"
+                ) from None
         else:
             files = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))
             if not files:

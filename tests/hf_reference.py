@@ -62,7 +62,8 @@ def mtp_tensors(cfg: MiMoV2FlashConfig, n_mtp: int, seed: int = 1) -> dict[str, 
     return out
 
 
-def save_with_mtp(model: MiMoV2FlashForCausalLM, path: str, n_mtp: int) -> dict[str, torch.Tensor]:
+def save_with_mtp(model: MiMoV2FlashForCausalLM, path: str,
+                  n_mtp: int) -> dict[str, torch.Tensor]:
     """`save_pretrained` (the path users take), plus MTP tensors in a second safetensors file."""
     model.save_pretrained(path)
     tensors = mtp_tensors(model.config, n_mtp)
