@@ -79,7 +79,7 @@ def _rms(x, w, eps):
 
 
 def _swa_attention(x, p, cfg, positions):
-    """Sliding-window attention with sinks, value scale and partial RoPE (checkpoint.md §3.2-3.4)."""
+    """Sliding-window attention with sinks, value scale, partial RoPE (checkpoint.md §3.2-3.4)."""
     t = x.shape[1]
     hq, hkv = cfg.num_attention_heads, 2 * cfg.num_key_value_heads
     hd, vd = cfg.head_dim, cfg.v_head_dim
