@@ -202,7 +202,7 @@ class ModelConfig:
         keys (W previous tokens plus the query); a transformers `sliding_window` is already keys.
         `sliding_window_keys` overrides it (128 reproduces vLLM / the hub remote code).
         """
-        hf = _read_json_config(path_or_dict)
+        hf = read_json_config(path_or_dict)
         n = int(hf.get("num_hidden_layers", 48))
 
         if "layer_types" in hf:
@@ -360,7 +360,7 @@ def default_layer_types(num_layers: int) -> tuple[str, ...]:
     return tuple("full" if i == 0 or (i + 1) % 6 == 0 else "sliding" for i in range(num_layers))
 
 
-def _read_json_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
+def read_json_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:
     if isinstance(path_or_dict, dict):
         return dict(path_or_dict)
     path = os.fspath(path_or_dict)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.config import ModelConfig
+from mimo_jax.config import ModelConfig, read_json_config
 from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
 from mimo_jax.model import MiMo
 from mimo_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsCheckpoint
@@ -169,8 +169,6 @@ def placer(state: nnx.State, placement: tuple[jax.sharding.Mesh, ShardingRules] 
 
 
 def _checkpoint_dtype(path: str) -> str:
-    from mimo_jax.config import _read_json_config
-
-    hf = _read_json_config(path)
+    hf = read_json_config(path)
     dt = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16").replace("torch.", "")
     return dt if dt in ("float32", "bfloat16", "float16") else "bfloat16"
