@@ -28,10 +28,10 @@ import numpy as np
 
 from mimo_jax.checkpoint import fp8
 from mimo_jax.checkpoint.convert import QUANTIZED
+from mimo_jax.checkpoint.hf_mapping import hf_shapes, tensor_maps
 from mimo_jax.checkpoint.release import model_shapes
-from mimo_jax.config import ModelConfig
-from mimo_jax.hf_mapping import hf_shapes, tensor_maps
-from mimo_jax.safetensors_io import DTYPES, ShardedWriter
+from mimo_jax.checkpoint.safetensors_io import DTYPES, ShardedWriter
+from mimo_jax.model.config import ModelConfig
 
 GiB = 1 << 30
 

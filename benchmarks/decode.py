@@ -32,8 +32,8 @@ from flax import nnx
 
 import mimo_jax
 from mimo_jax import MiMo, ModelConfig, param_count
-from mimo_jax.config import AttentionSpec
 from mimo_jax.inference import cache_bytes, generate
+from mimo_jax.model.config import AttentionSpec
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

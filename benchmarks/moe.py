@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mimo_jax.moe_dispatch import expert_ffn  # noqa: E402
+from mimo_jax.model.moe_dispatch import expert_ffn  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
 from mimo_jax.checkpoint import fp8
-from mimo_jax.config import ModelConfig
-from mimo_jax.hf_mapping import hf_shapes, tensor_maps
-from mimo_jax.loading import abstract_model
+from mimo_jax.checkpoint.hf_mapping import hf_shapes, tensor_maps
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.shapes import abstract_model
 
 QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
              "mlp.up_proj", "mlp.down_proj", "_proj.weight")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mimo_jax import ModelConfig
-from mimo_jax.config import AttentionSpec, default_layer_types
+from mimo_jax.model.config import AttentionSpec, default_layer_types
 
 # The released config.json in the hub spelling (checkpoint.md §1), minus quantization_config.
 HUB_CONFIG = {

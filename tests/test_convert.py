@@ -13,8 +13,8 @@ from flax import nnx
 
 import mimo_jax
 from mimo_jax.checkpoint import hf_to_orbax, orbax_to_hf
+from mimo_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from mimo_jax.commands import convert as convert_cmd
-from mimo_jax.safetensors_io import SafetensorsCheckpoint
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from transformers import MiMoV2FlashForCausalLM
 
 import mimo_jax
 from mimo_jax.checkpoint import hf_to_orbax, orbax_to_hf
-from mimo_jax.safetensors_io import SafetensorsCheckpoint
+from mimo_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from mimo_jax import MiMo, ModelConfig
-from mimo_jax.config import AttentionSpec
 from mimo_jax.inference import (
     cache_bytes,
     generate,
@@ -21,6 +20,7 @@ from mimo_jax.inference import (
 )
 from mimo_jax.inference.decode import main_forward
 from mimo_jax.inference.kv_cache import commit_main
+from mimo_jax.model.config import AttentionSpec
 
 WINDOW = 8
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import mimo_jax
 from mimo_jax import CheckpointError, MiMo, ModelConfig
-from mimo_jax.model import scan_plan
+from mimo_jax.model.mimo import scan_plan
 
 
 def test_scan_plan():

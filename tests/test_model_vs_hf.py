@@ -66,7 +66,7 @@ def test_logits_match_transformers(case):
 
 def test_scanned_pattern_is_scanned():
     cfg = mimo_jax.ModelConfig.from_hf(CONFIGS["scanned_pattern"])
-    from mimo_jax.model import scan_plan
+    from mimo_jax.model.mimo import scan_plan
 
     assert scan_plan(cfg) == (1, 3, 2)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.moe_dispatch import ExpertFFNOutput, expert_capacity, expert_ffn
+from mimo_jax.model.moe_dispatch import ExpertFFNOutput, expert_capacity, expert_ffn
 
 T, K, E, D, F = 24, 3, 8, 12, 10
 

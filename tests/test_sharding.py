@@ -14,9 +14,10 @@ from flax import nnx
 import mimo_jax
 from mimo_jax import ModelConfig
 from mimo_jax import sharding as sh
-from mimo_jax.config import AttentionSpec
-from mimo_jax.expert_parallel import moe_experts
-from mimo_jax.plan import plan_memory
+from mimo_jax.model.config import AttentionSpec
+from mimo_jax.model.expert_parallel import moe_experts
+from mimo_jax.parallel import create_sharded
+from mimo_jax.parallel.plan import plan_memory
 
 # Every sharded dimension divisible by 2: KV heads 2 (full) / 4 (sliding), 8 experts.
 CFG = ModelConfig.tiny(full_attention=AttentionSpec(4, 2, 32, 24, 5e6, 0.25, False, None),
@@ -78,7 +79,7 @@ def single_device():
 def test_sharded_model_matches_single_device(mesh_spec, single_device):
     ids, want_logits, want_grads = single_device
     mesh, rules = sh.make_mesh(mesh_spec), sh.ShardingRules.preset()
-    model = sh.create_sharded(CFG, mesh, rules, seed=0)
+    model = create_sharded(CFG, mesh, rules, seed=0)
     for path, var in nnx.to_flat_state(nnx.state(model)):
         expected = rules.spec(var.get_metadata()["axes"])
         assert var[...].sharding.spec == expected, path
@@ -114,7 +115,7 @@ def test_expert_parallel_moe_equals_unsharded(mesh_spec):
 def test_indivisible_mesh_fails_before_allocation():
     cfg = CFG.replace(full_attention=AttentionSpec(4, 1, 32, 24, 5e6, 0.25, False, None))
     with pytest.raises(sh.ShardingError, match=r"kv_heads.*size 1 cannot be split 2 ways"):
-        sh.create_sharded(cfg, sh.make_mesh("fsdp=4,tensor=2"), sh.ShardingRules.preset())
+        create_sharded(cfg, sh.make_mesh("fsdp=4,tensor=2"), sh.ShardingRules.preset())
 
 
 def test_flash_plan_on_256_chips_adds_up():
@@ -141,7 +142,7 @@ def test_flash_plan_on_256_chips_adds_up():
 
 
 def test_multi_process_detection():
-    from mimo_jax.distributed import is_multi_process_environment
+    from mimo_jax.parallel.distributed import is_multi_process_environment
 
     assert not is_multi_process_environment({})
     assert not is_multi_process_environment({"TPU_WORKER_HOSTNAMES": "localhost"})

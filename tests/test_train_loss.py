@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mimo_jax import MiMo, ModelConfig
-from mimo_jax.layers import RouterBias
+from mimo_jax.model.layers import RouterBias
 from mimo_jax.train import TrainConfig
 from mimo_jax.train.balance import bias_delta, bias_rows, load_imbalance, update_bias
 from mimo_jax.train.loss import chunked_cross_entropy, loss_parts, shifted_targets, total_loss
@@ -25,7 +25,7 @@ def _cfg(**kw):
 
 def _batch(ids, seg):
     ids, seg = jnp.asarray(ids, jnp.int32), jnp.asarray(seg, jnp.int32)
-    from mimo_jax.model import default_positions
+    from mimo_jax.model.mimo import default_positions
 
     return {"ids": ids, "segment_ids": seg, "positions": default_positions(ids.shape, seg)}
 

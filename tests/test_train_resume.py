@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 from mimo_jax import ModelConfig
+from mimo_jax.core.errors import CheckpointError
 from mimo_jax.data import DataError
-from mimo_jax.safetensors_io import CheckpointError
 from mimo_jax.train import TrainConfig, load_checkpoint, train
 
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.intermediate_size=64",

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mimo_jax.checkpoint import fp8
+from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_hf, to_model
 from mimo_jax.checkpoint.orbax_io import (
     FORMAT,
     VERSION,
@@ -35,12 +36,11 @@ from mimo_jax.checkpoint.orbax_io import (
     training_step_dir,
 )
 from mimo_jax.checkpoint.release import SCALE_SUFFIX, ReleaseReader, model_shapes
-from mimo_jax.config import ModelConfig
-from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_hf, to_model
-from mimo_jax.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, ShardedWriter
+from mimo_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, ShardedWriter
+from mimo_jax.core.dtypes import canonical_dtype
+from mimo_jax.core.errors import CheckpointError
+from mimo_jax.model.config import ModelConfig
 
-DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32",
-                 "float32": "float32"}
 # What the release quantises (checkpoint.md §2): q/k/v, dense MLPs, experts.
 QUANTIZED = re.compile(r".*(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj|mlp\.experts\.\d+\."
                        r"(gate|up|down)_proj)\.weight$")
@@ -99,14 +99,12 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, keep_fp8: bool 
     any_fp8 = any(reader.is_fp8(n) for n in names)
     if keep_fp8 and not any_fp8:
         raise CheckpointError(f"{src}: --keep-fp8 given but the checkpoint has no FP8 tensors")
-    from mimo_jax.loading import _checkpoint_dtype
+    from mimo_jax.checkpoint.loading import _checkpoint_dtype
 
     src_dtype = _checkpoint_dtype(src)
     # Default: the checkpoint's torch_dtype (bfloat16 for the release); --keep-fp8 stores the
     # non-FP8 tensors in it too.
-    dtype = DTYPE_ALIASES.get(dtype or src_dtype)
-    if dtype is None:
-        raise ValueError("dtype must be bf16 or f32")
+    dtype = canonical_dtype(dtype or src_dtype, what="conversion dtype")
     cfg = reader.cfg.replace(dtype=dtype, param_dtype=dtype)
     shapes = model_shapes(cfg)
     groups = _groups(reader.maps)
@@ -303,7 +301,7 @@ def _source(src: str) -> tuple[ModelConfig, str, str | None, dict]:
         raise CheckpointError(f"{src} is neither an Orbax model directory (mimo_jax.json) nor a "
                               "training work directory / checkpoint step")
     hf = step_config(step)
-    dtype = str(hf.get("torch_dtype", "float32"))
+    dtype = canonical_dtype(str(hf.get("torch_dtype", "float32")))
     cfg = ModelConfig.from_hf(hf).replace(dtype=dtype, param_dtype=dtype)
     return cfg, os.path.join(step, "params"), None, {}
 

@@ -16,8 +16,9 @@ from mimo_jax.checkpoint.orbax_io import (
     step_config,
     training_step_dir,
 )
-from mimo_jax.config import ModelConfig
-from mimo_jax.safetensors_io import DTYPE_NAMES, CheckpointError
+from mimo_jax.checkpoint.safetensors_io import DTYPE_NAMES
+from mimo_jax.core.errors import CheckpointError
+from mimo_jax.model.config import ModelConfig
 
 _GROUPS = [("mtp", re.compile(r"^model\.mtp\.|^mtp\.")),
            ("experts", re.compile(r"experts\.|\.(gate_up|down)$")),
@@ -62,7 +63,7 @@ def inspect(path: str) -> str:
                 s[0] += 1
                 s[1] += n * dt.itemsize
                 fp8_params += n if item == "fp8" and key[-1] == "payload" else 0
-        from mimo_jax.loading import param_count
+        from mimo_jax.model.shapes import param_count
 
         total = param_count(cfg).total_with_mtp
         mtp = sorted({int(k[1]) for item in items

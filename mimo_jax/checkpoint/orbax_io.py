@@ -48,8 +48,9 @@ from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers, types
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from mimo_jax.config import ModelConfig
-from mimo_jax.safetensors_io import CheckpointError
+from mimo_jax.core.dtypes import canonical_dtype
+from mimo_jax.core.errors import CheckpointError
+from mimo_jax.model.config import ModelConfig
 
 FORMAT = "mimo-jax-orbax"
 VERSION = 1
@@ -227,8 +228,9 @@ def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
     `extra`: values for leaves absent from the checkpoint (the dequantised FP8 ones).
     `placement` (mesh, rules): restore every parameter directly into its shards.
     """
-    from mimo_jax.loading import abstract_model, placer
-    from mimo_jax.sharding import state_shardings
+    from mimo_jax.checkpoint.loading import placer
+    from mimo_jax.model.shapes import abstract_model
+    from mimo_jax.sharding.rules import state_shardings
 
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
@@ -327,7 +329,7 @@ def restore_model_dir(path: str, *, dtype: str | None = None, placement=None,
     from mimo_jax.checkpoint.convert import fp8_leaf_values
 
     info = model_dir_info(path)
-    dtype = dtype or info["dtype"]
+    dtype = canonical_dtype(dtype or info["dtype"])
     cfg = ModelConfig.from_hf(os.path.join(path, "config.json"), **config_overrides).replace(
         dtype=dtype, param_dtype=dtype)
     extra = fp8_leaf_values(os.path.join(path, "fp8"), cfg) if info.get("fp8") else None

@@ -15,9 +15,10 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.checkpoint import fp8
-from mimo_jax.config import ModelConfig
-from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps
-from mimo_jax.safetensors_io import DTYPE_NAMES, DTYPES, CheckpointError, SafetensorsCheckpoint
+from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps
+from mimo_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsCheckpoint
+from mimo_jax.core.errors import CheckpointError
+from mimo_jax.model.config import ModelConfig
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
@@ -29,7 +30,7 @@ _KV = re.compile(r"^(.*self_attn\.)([kv])_proj\.weight$")
 
 def model_shapes(cfg: ModelConfig) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
     """Flat state path -> (shape, dtype) of every variable of the model, nothing allocated."""
-    from mimo_jax.loading import abstract_model
+    from mimo_jax.model.shapes import abstract_model
 
     state = nnx.state(abstract_model(cfg))
     return {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in nnx.to_flat_state(state)}

@@ -37,7 +37,7 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mimo_jax.checkpoint import hf_to_orbax, orbax_to_hf
-    from mimo_jax.safetensors_io import CheckpointError
+    from mimo_jax.core.errors import CheckpointError
 
     try:
         if args.mode == "hf-to-orbax":

@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import mimo_jax
+    from mimo_jax.core.errors import CheckpointError
     from mimo_jax.data import DataError, load_tokenizer
-    from mimo_jax.safetensors_io import CheckpointError
     from mimo_jax.train import TrainConfig, train
 
     t0 = time.perf_counter()

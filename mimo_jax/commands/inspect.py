@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mimo_jax.checkpoint.inspect import inspect
-    from mimo_jax.safetensors_io import CheckpointError
+    from mimo_jax.core.errors import CheckpointError
 
     try:
         print(inspect(args.path))

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mimo_jax import ModelConfig
-    from mimo_jax.plan import format_plan, plan_memory
-    from mimo_jax.sharding import ShardingRules, mesh_shape
+    from mimo_jax.parallel.plan import format_plan, plan_memory
+    from mimo_jax.sharding.mesh import mesh_shape
+    from mimo_jax.sharding.rules import ShardingRules
 
     cfg = {"flash": ModelConfig.flash, "tiny": ModelConfig.tiny}.get(args.config)
     cfg = cfg() if cfg else ModelConfig.from_hf(args.config)

@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from mimo_jax.core.errors import CheckpointError
     from mimo_jax.data import DataError
-    from mimo_jax.safetensors_io import CheckpointError
     from mimo_jax.train import TrainConfig, train
 
     try:

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.config import AttentionSpec
 from mimo_jax.inference.kv_cache import KVCache, LayerKV, full_slots, key_positions
-from mimo_jax.model import DecoderLayer, MiMo, MTPHead, scan_plan
-from mimo_jax.moe import MoE
+from mimo_jax.model.config import AttentionSpec
+from mimo_jax.model.mimo import DecoderLayer, MiMo, MTPHead, scan_plan
+from mimo_jax.model.moe import MoE
 
 
 def cached_attention(

@@ -25,7 +25,7 @@ from mimo_jax.inference.engine import TRACE_COUNTS, Limits, plain_loop, prefill_
 from mimo_jax.inference.kv_cache import init_cache
 from mimo_jax.inference.sampling import sampling_params
 from mimo_jax.inference.speculative import speculative_loop
-from mimo_jax.model import MiMo
+from mimo_jax.model.mimo import MiMo
 
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 32

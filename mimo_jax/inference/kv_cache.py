@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax.config import AttentionSpec, ModelConfig
-from mimo_jax.model import scan_plan
+from mimo_jax.model.config import AttentionSpec, ModelConfig
+from mimo_jax.model.mimo import scan_plan
 
 
 class LayerKV(NamedTuple):

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.config import ModelConfig
-from mimo_jax.model import scan_plan
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.mimo import scan_plan
 
 
 def bias_rows(cfg: ModelConfig) -> dict[tuple, int | np.ndarray]:

@@ -20,8 +20,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from mimo_jax.config import AttentionSpec, ModelConfig
-from mimo_jax.safetensors_io import CheckpointError
+from mimo_jax.core.errors import CheckpointError
+from mimo_jax.model.config import AttentionSpec, ModelConfig
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import dataclasses
 import json
 from typing import Any
 
-from mimo_jax.config import AttentionSpec, ModelConfig
+from mimo_jax.core.dtypes import canonical_dtype
+from mimo_jax.model.config import AttentionSpec, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +118,8 @@ class TrainConfig:
             if isinstance(v, list):
                 v = tuple(v)
             overrides[k] = v
-        overrides.update(dtype=self.compute_dtype, param_dtype=self.param_dtype)
+        overrides.update(dtype=canonical_dtype(self.compute_dtype, what="compute_dtype"),
+                         param_dtype=canonical_dtype(self.param_dtype, what="param_dtype"))
         return makers[self.model_preset](**overrides)
 
     def validate(self, model_cfg: ModelConfig) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mimo_jax.config import ModelConfig
+from mimo_jax.core.errors import CheckpointError
 from mimo_jax.data import (
     load_tokenizer,
     open_source,
@@ -30,15 +30,11 @@ from mimo_jax.data import (
     train_iterator,
     validation_batches,
 )
-from mimo_jax.model import MiMo
-from mimo_jax.safetensors_io import CheckpointError
-from mimo_jax.sharding import (
-    ShardingRules,
-    activate,
-    activation_sharding,
-    create_sharded,
-    make_mesh,
-)
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.mimo import MiMo
+from mimo_jax.parallel.placement import create_sharded
+from mimo_jax.sharding.mesh import make_mesh
+from mimo_jax.sharding.rules import ShardingRules, activate, activation_sharding
 from mimo_jax.train.checkpointing import Checkpointer, check_compatible, model_config_dict
 from mimo_jax.train.config import TrainConfig
 from mimo_jax.train.metrics import MetricsLogger, flops_per_token, peak_flops_per_device

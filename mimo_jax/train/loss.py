@@ -16,8 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mimo_jax.model import MiMo
-from mimo_jax.moe import RouterOutput
+from mimo_jax.model.mimo import MiMo
+from mimo_jax.model.moe import RouterOutput
 
 
 class LossParts(NamedTuple):

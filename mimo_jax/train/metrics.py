@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mimo_jax.config import AttentionSpec, ModelConfig
+from mimo_jax.model.config import AttentionSpec, ModelConfig
 
 
 def _attn_matmul_params(spec: AttentionSpec, d: int) -> int:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mimo_jax.config import ModelConfig
+from mimo_jax.model.config import ModelConfig
 from mimo_jax.train.balance import load_imbalance, update_bias
 from mimo_jax.train.config import TrainConfig
 from mimo_jax.train.loss import loss_parts, shifted_targets, total_loss

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from mimo_jax.config import AttentionSpec
-from mimo_jax.layers import apply_partial_rope, param
+from mimo_jax.model.config import AttentionSpec
+from mimo_jax.model.layers import apply_partial_rope, param
 
 
 class Attention(nnx.Module):

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.attention import Attention
-from mimo_jax.config import ModelConfig
-from mimo_jax.layers import DenseMLP, RMSNorm, param
-from mimo_jax.moe import MoE, RouterOutput
-from mimo_jax.sharding import constrain
+from mimo_jax.model.attention import Attention
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.layers import DenseMLP, RMSNorm, param
+from mimo_jax.model.moe import MoE, RouterOutput
+from mimo_jax.sharding.rules import constrain
 
 
 class ScanPlan(NamedTuple):

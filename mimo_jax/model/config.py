@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Literal
 
+from mimo_jax.core.dtypes import canonical_dtype
+
 AttentionType = Literal["full", "sliding"]
 MlpType = Literal["dense", "moe"]
 ATTENTION_TYPES: tuple[str, ...] = ("full", "sliding")
@@ -73,6 +75,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Any spelling ("bf16", jnp.bfloat16, np.float32, ...) is accepted and stored canonical.
     dtype: str = "bfloat16"  # activations / matmul inputs
     param_dtype: str = "bfloat16"  # router weights and bias are always float32
 
@@ -83,6 +86,9 @@ class ModelConfig:
             object.__setattr__(self, "mlp_types", ("dense",) + ("moe",) * (self.num_layers - 1))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "mlp_types", tuple(self.mlp_types))
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, canonical_dtype(getattr(self, name),
+                                                         what=f"ModelConfig.{name}"))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self.validate()
@@ -183,9 +189,6 @@ class ModelConfig:
             fail(f"num_mtp_layers must be >= 0, got {self.num_mtp_layers}")
         if self.mtp_hidden not in ("post_norm", "pre_norm"):
             fail(f"mtp_hidden must be 'post_norm' or 'pre_norm', got {self.mtp_hidden!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                fail(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
 
     # ----------------------------------------------------------------------------- HF I/O
     @classmethod

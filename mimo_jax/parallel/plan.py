@@ -13,10 +13,10 @@ import math
 import numpy as np
 from flax import nnx
 
-from mimo_jax.config import ModelConfig
-from mimo_jax.layers import RouterBias
-from mimo_jax.loading import abstract_model
-from mimo_jax.sharding import ShardingRules, _axes_of
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.layers import RouterBias
+from mimo_jax.model.shapes import abstract_model
+from mimo_jax.sharding.rules import ShardingRules, axes_of
 
 CHIPS_GIB = {"v5e": 16, "v6e": 32, "H100": 80, "v5p": 95, "H200": 141}
 GIB = 1 << 30
@@ -82,7 +82,7 @@ def plan_memory(
     for path, var in nnx.to_flat_state(state):
         n = int(np.prod(var.shape))
         bytes_ = n * (4 if isinstance(var, RouterBias) else param_bytes)
-        ways = _ways(tuple(rules.spec(_axes_of(var), where="/".join(map(str, path)))),
+        ways = _ways(tuple(rules.spec(axes_of(var), where="/".join(map(str, path)))),
                      mesh_shape)
         total += bytes_
         per_device += bytes_ // ways

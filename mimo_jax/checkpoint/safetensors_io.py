@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import ml_dtypes
 import numpy as np
 
+from mimo_jax.core.errors import CheckpointError
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -30,10 +32,6 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or disagrees with the model config."""
 
 
 class SafetensorsFile:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import os
 import re
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.config import ModelConfig, read_json_config
-from mimo_jax.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
-from mimo_jax.model import MiMo
-from mimo_jax.safetensors_io import DTYPES, CheckpointError, SafetensorsCheckpoint
-from mimo_jax.sharding import ShardingRules, state_shardings
+from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
+from mimo_jax.checkpoint.safetensors_io import DTYPES, SafetensorsCheckpoint
+from mimo_jax.core.dtypes import DTypeLike, canonical_dtype
+from mimo_jax.core.errors import CheckpointError
+from mimo_jax.model.config import ModelConfig, read_json_config
+from mimo_jax.model.mimo import MiMo
+from mimo_jax.model.shapes import abstract_model
+from mimo_jax.sharding.rules import ShardingRules, state_shardings
 
 # Tensors a release may carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -27,38 +29,10 @@ _MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 FP8_DTYPES = (DTYPES["F8_E4M3"], DTYPES["F8_E5M2"])
 
 
-def abstract_model(cfg: ModelConfig, **kwargs) -> MiMo:
-    """The model with `jax.ShapeDtypeStruct` leaves: shapes, dtypes and logical axes only."""
-    return nnx.eval_shape(lambda: MiMo(cfg, rngs=nnx.Rngs(0), **kwargs))
-
-
-class ParamCount(NamedTuple):
-    total: int  # main model (no MTP heads)
-    active: int  # per token: everything but the unchosen experts
-    per_mtp_layer: int
-    total_with_mtp: int
-
-
-def param_count(cfg: ModelConfig) -> ParamCount:
-    """Parameter counts from abstract shapes (nothing is allocated)."""
-    model = abstract_model(cfg.replace(num_mtp_layers=1))
-    main = mtp = experts = 0
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        n = int(np.prod(var.shape))
-        if path[0] == "mtp":
-            mtp += n
-        else:
-            main += n
-            if path[-1] in ("gate_up", "down"):
-                experts += n
-    active = main - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
-    return ParamCount(main, active, mtp, main + mtp * cfg.num_mtp_layers)
-
-
 def load(
     path: str | os.PathLike,
     *,
-    dtype: str | None = None,
+    dtype: DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: ShardingRules | None = None,
     **config_overrides,
@@ -72,7 +46,8 @@ def load(
     - a training work directory (its latest checkpoint) or one `checkpoints/<step>` directory.
 
     Args:
-      dtype: parameter and compute dtype ("bfloat16", "float32"); default: the checkpoint's.
+      dtype: parameter and compute dtype in any spelling ("bf16", "float32", jnp.bfloat16,
+        np.float32); default: the checkpoint's.
       mesh: place every parameter directly in its shards on this mesh (see
         `mimo_jax.sharding`); the host holds at most one parameter at a time.
       rules: sharding rules for `mesh` (default: `ShardingRules.preset()`).
@@ -82,6 +57,7 @@ def load(
     from mimo_jax.checkpoint import orbax_io
     from mimo_jax.checkpoint.release import ReleaseReader
 
+    dtype = None if dtype is None else canonical_dtype(dtype)
     placement = None if mesh is None else (mesh, rules or ShardingRules.preset())
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -170,5 +146,8 @@ def placer(state: nnx.State, placement: tuple[jax.sharding.Mesh, ShardingRules] 
 
 def _checkpoint_dtype(path: str) -> str:
     hf = read_json_config(path)
-    dt = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16").replace("torch.", "")
-    return dt if dt in ("float32", "bfloat16", "float16") else "bfloat16"
+    dt = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
+    try:
+        return canonical_dtype(dt)
+    except ValueError:  # e.g. a float8 torch_dtype: compute in bfloat16
+        return "bfloat16"

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mimo_jax import sharding
-from mimo_jax.moe_dispatch import ExpertFFNOutput, expert_ffn
+from mimo_jax.model.moe_dispatch import ExpertFFNOutput, expert_ffn
+from mimo_jax.sharding.rules import active
 
 
 def _nontrivial(mesh, axes) -> tuple[str, ...]:
@@ -35,8 +35,9 @@ def moe_experts(
     num_experts: int,
     capacity_factor: float | None,
 ) -> ExpertFFNOutput:
-    """`expert_ffn` on one device, or spread over the active mesh (see `sharding.activate`)."""
-    ctx = sharding.active()
+    """`expert_ffn` on one device, or spread over the active mesh (see
+    `mimo_jax.sharding.activate`)."""
+    ctx = active()
     if ctx is None:
         return expert_ffn(x_td, ids_tk, weights_tk, gate_up_edfc, down_efd,
                           num_experts=num_experts, capacity_factor=capacity_factor)

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mimo_jax.config import ModelConfig
-from mimo_jax.model import layer_location
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.mimo import layer_location
 
 Path = tuple[str | int, ...]
 

@@ -1,13 +1,13 @@
 """Sharding as data: logical axis names -> mesh axes, in one table per preset.
 
-Every parameter carries logical `axes` metadata (see `mimo_jax.layers.param`); activations are
+Every parameter carries logical `axes` metadata (see `mimo_jax.model.layers.param`); activations are
 constrained with logical names too (`constrain`). `ShardingRules` turns those names into
 `PartitionSpec`s for a mesh with axes ("data", "fsdp", "expert", "tensor"), and refuses a rule
 set that would map two dimensions of one tensor onto the same mesh axis.
 
     mesh = make_mesh("data=1,fsdp=-1,expert=4,tensor=1")
     rules = ShardingRules.preset("fsdp_expert")
-    model = create_sharded(cfg, mesh, rules)            # never a full copy on one device
+    model = mimo_jax.parallel.create_sharded(cfg, mesh, rules)  # never a full copy
     with activate(mesh, rules):                          # activations + expert parallelism
         logits = nnx.jit(lambda m, x: m(x).logits)(model, ids)
 """
@@ -18,12 +18,12 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 MeshAxes = tuple[str, ...]
@@ -104,58 +104,7 @@ class ShardingRules:
         return PartitionSpec(*out)
 
 
-def mesh_shape(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Axis sizes from "data=1,fsdp=-1,expert=4,tensor=1" for `num_devices` devices.
-
-    One axis may be -1 (the rest); omitted axes have size 1.
-    """
-    if isinstance(spec, str):
-        try:
-            sizes = {k.strip(): int(v) for k, v in (p.split("=") for p in spec.split(",") if p)}
-        except ValueError:
-            raise ShardingError(f"bad mesh spec {spec!r}: want 'data=1,fsdp=-1,...'") from None
-    else:
-        sizes = dict(spec)
-    unknown = set(sizes) - set(MESH_AXES)
-    if unknown:
-        raise ShardingError(f"unknown mesh axes {sorted(unknown)}; have {MESH_AXES}")
-    shape = [sizes.get(a, 1) for a in MESH_AXES]
-    if shape.count(-1) > 1:
-        raise ShardingError("at most one mesh axis may be -1")
-    known = math.prod(s for s in shape if s != -1)
-    if -1 in shape:
-        if known < 1 or num_devices % known:
-            raise ShardingError(f"{num_devices} devices cannot be split as {spec!r}")
-        shape[shape.index(-1)] = num_devices // known
-    if math.prod(shape) != num_devices or min(shape) < 1:
-        raise ShardingError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} needs "
-                            f"{math.prod(shape)} devices; there are {num_devices}")
-    return dict(zip(MESH_AXES, shape, strict=True))
-
-
-def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all devices of all hosts from "data=1,fsdp=-1,expert=4,tensor=1".
-
-    With several TPU slices the data axis spans slices (DCN), the others stay in a slice (ICI).
-    """
-    devices = list(devices if devices is not None else jax.devices())
-    shape = list(mesh_shape(spec, len(devices)).values())
-    auto = (AxisType.Auto,) * len(MESH_AXES)
-    slices = {getattr(d, "slice_index", 0) for d in devices}
-    if len(slices) > 1:
-        from jax.experimental import mesh_utils
-
-        n = len(slices)
-        if shape[0] % n:
-            raise ShardingError(f"data={shape[0]} must be a multiple of the {n} slices")
-        dcn = [n, 1, 1, 1]
-        ici = [shape[0] // n, *shape[1:]]
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-        return Mesh(grid, MESH_AXES, axis_types=auto)
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
-
-
-def _axes_of(var: nnx.Variable) -> tuple[str | None, ...]:
+def axes_of(var: nnx.Variable) -> tuple[str | None, ...]:
     return tuple(var.get_metadata().get("axes") or (None,) * len(var.shape))
 
 
@@ -164,13 +113,13 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.S
 
     def one(path, var):
         where = "/".join(map(str, path))
-        spec = rules.spec(_axes_of(var), where=where)
+        spec = rules.spec(axes_of(var), where=where)
         for dim, (size, axes) in enumerate(zip(var.shape, spec, strict=True)):
             names = () if axes is None else (axes,) if isinstance(axes, str) else axes
             ways = math.prod(mesh.shape[a] for a in names)
             if size % ways:
                 raise ShardingError(
-                    f"{where}: dimension {dim} ({_axes_of(var)[dim]}) of size {size} cannot be "
+                    f"{where}: dimension {dim} ({axes_of(var)[dim]}) of size {size} cannot be "
                     f"split {ways} ways over mesh axes {names}"
                 )
         return var.replace(NamedSharding(mesh, spec))
@@ -179,29 +128,13 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules) -> nnx.S
     return nnx.from_flat_state(flat)
 
 
-def create_sharded(cfg, mesh: Mesh, rules: ShardingRules, *, seed: int = 0, **model_kwargs):
-    """A randomly initialised model whose parameters are created already sharded."""
-    from mimo_jax.loading import abstract_model
-    from mimo_jax.model import MiMo
-
-    graphdef, abstract_state = nnx.split(abstract_model(cfg, **model_kwargs))
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    def init():
-        return nnx.state(MiMo(cfg, rngs=nnx.Rngs(seed), **model_kwargs))
-
-    # XLA partitions the initialisers: each device only ever computes its own shards.
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
-
-
 def replicated_fraction(state: nnx.State, rules: ShardingRules, mesh: Mesh) -> float:
     """Fraction of parameter bytes that no mesh axis splits."""
     total = replicated = 0
     for path, var in nnx.to_flat_state(state):
         nbytes = int(np.prod(var.shape)) * np.dtype(var.dtype).itemsize
         total += nbytes
-        spec = rules.spec(_axes_of(var), where="/".join(map(str, path)))
+        spec = rules.spec(axes_of(var), where="/".join(map(str, path)))
         ways = math.prod(mesh.shape[a] for s in spec if s for a in ((s,) if isinstance(s, str)
                                                                        else s))
         replicated += nbytes if ways == 1 else 0

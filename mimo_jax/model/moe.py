@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mimo_jax.config import ModelConfig
-from mimo_jax.expert_parallel import moe_experts
-from mimo_jax.layers import RouterBias, param
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.expert_parallel import moe_experts
+from mimo_jax.model.layers import RouterBias, param
 
 
 class RouterOutput(NamedTuple):
