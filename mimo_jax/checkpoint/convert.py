@@ -35,7 +35,12 @@ from mimo_jax.checkpoint.orbax_io import (
     step_config,
     training_step_dir,
 )
-from mimo_jax.checkpoint.release import SCALE_SUFFIX, ReleaseReader, model_shapes
+from mimo_jax.checkpoint.release import (
+    SCALE_SUFFIX,
+    ReleaseReader,
+    checkpoint_dtype,
+    model_shapes,
+)
 from mimo_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, ShardedWriter
 from mimo_jax.core.dtypes import canonical_dtype
 from mimo_jax.core.errors import CheckpointError
@@ -99,9 +104,7 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, keep_fp8: bool 
     any_fp8 = any(reader.is_fp8(n) for n in names)
     if keep_fp8 and not any_fp8:
         raise CheckpointError(f"{src}: --keep-fp8 given but the checkpoint has no FP8 tensors")
-    from mimo_jax.checkpoint.loading import _checkpoint_dtype
-
-    src_dtype = _checkpoint_dtype(src)
+    src_dtype = checkpoint_dtype(src)
     # Default: the checkpoint's torch_dtype (bfloat16 for the release); --keep-fp8 stores the
     # non-FP8 tensors in it too.
     dtype = canonical_dtype(dtype or src_dtype, what="conversion dtype")

@@ -10,18 +10,21 @@ import os
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimo_jax.checkpoint import orbax_io
+from mimo_jax.checkpoint.convert import fp8_leaf_values
 from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
+from mimo_jax.checkpoint.release import ReleaseReader, checkpoint_dtype
 from mimo_jax.checkpoint.safetensors_io import DTYPES, SafetensorsCheckpoint
 from mimo_jax.core.dtypes import DTypeLike, canonical_dtype
 from mimo_jax.core.errors import CheckpointError
-from mimo_jax.model.config import ModelConfig, read_json_config
+from mimo_jax.model.config import ModelConfig
 from mimo_jax.model.mimo import MiMo
 from mimo_jax.model.shapes import abstract_model
-from mimo_jax.sharding.rules import ShardingRules, state_shardings
+from mimo_jax.parallel.placement import placer
+from mimo_jax.sharding.rules import ShardingRules
 
 # Tensors a release may carry that the model recomputes.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -54,16 +57,13 @@ def load(
       config_overrides: ModelConfig fields to change (for example `sliding_window_keys`-style
         semantics are set through `sliding_attention`).
     """
-    from mimo_jax.checkpoint import orbax_io
-    from mimo_jax.checkpoint.release import ReleaseReader
-
     dtype = None if dtype is None else canonical_dtype(dtype)
     placement = None if mesh is None else (mesh, rules or ShardingRules.preset())
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
     if orbax_io.is_model_dir(path):
-        return orbax_io.restore_model_dir(path, dtype=dtype, placement=placement,
+        return restore_model_dir(path, dtype=dtype, placement=placement,
                                           **config_overrides)
     step = orbax_io.training_step_dir(path)
     if step is not None:
@@ -83,7 +83,7 @@ def load(
     if mtp_layers and mtp_layers != set(range(len(mtp_layers))):
         raise CheckpointError(f"{path}: MTP layers {sorted(mtp_layers)} are not 0..n-1")
     if dtype is None:
-        dtype = _checkpoint_dtype(path)
+        dtype = checkpoint_dtype(path)
     cfg = ModelConfig.from_hf(path, **config_overrides).replace(
         num_mtp_layers=len(mtp_layers), dtype=dtype, param_dtype=dtype
     )
@@ -135,19 +135,12 @@ def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str,
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def placer(state: nnx.State, placement: tuple[jax.sharding.Mesh, ShardingRules] | None):
-    """`place(path, host_array) -> jax.Array`: on the default device, or into its shards
-    (checked against the mesh before anything is read)."""
-    if placement is None:
-        return lambda path, value: jnp.asarray(value)
-    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, *placement))}
-    return lambda path, value: jax.device_put(value, shardings[path])
-
-
-def _checkpoint_dtype(path: str) -> str:
-    hf = read_json_config(path)
-    dt = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
-    try:
-        return canonical_dtype(dt)
-    except ValueError:  # e.g. a float8 torch_dtype: compute in bfloat16
-        return "bfloat16"
+def restore_model_dir(path: str, *, dtype: str | None = None, placement=None,
+                      **config_overrides):
+    """A `MiMo` from an Orbax model directory (FP8 leaves dequantised)."""
+    info = orbax_io.model_dir_info(path)
+    dtype = canonical_dtype(dtype or info["dtype"])
+    cfg = ModelConfig.from_hf(os.path.join(path, "config.json"), **config_overrides).replace(
+        dtype=dtype, param_dtype=dtype)
+    extra = fp8_leaf_values(os.path.join(path, "fp8"), cfg) if info.get("fp8") else None
+    return orbax_io.restore_params(os.path.join(path, "params"), cfg, extra, placement=placement)

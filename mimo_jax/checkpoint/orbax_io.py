@@ -48,9 +48,11 @@ from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers, types
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from mimo_jax.core.dtypes import canonical_dtype
 from mimo_jax.core.errors import CheckpointError
 from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.shapes import abstract_model
+from mimo_jax.parallel.placement import placer
+from mimo_jax.sharding.rules import state_shardings
 
 FORMAT = "mimo-jax-orbax"
 VERSION = 1
@@ -228,10 +230,6 @@ def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
     `extra`: values for leaves absent from the checkpoint (the dequantised FP8 ones).
     `placement` (mesh, rules): restore every parameter directly into its shards.
     """
-    from mimo_jax.checkpoint.loading import placer
-    from mimo_jax.model.shapes import abstract_model
-    from mimo_jax.sharding.rules import state_shardings
-
     graphdef, state = nnx.split(abstract_model(cfg))
     flat = dict(nnx.to_flat_state(state))
     place = placer(state, placement)
@@ -321,16 +319,3 @@ def model_dir_info(path: str) -> dict:
     if info.get("format") != FORMAT or info.get("version") != VERSION:
         raise CheckpointError(f"{path}/mimo_jax.json: not a {FORMAT} v{VERSION} directory")
     return info
-
-
-def restore_model_dir(path: str, *, dtype: str | None = None, placement=None,
-                      **config_overrides):
-    """A `MiMo` from an Orbax model directory (FP8 leaves dequantised)."""
-    from mimo_jax.checkpoint.convert import fp8_leaf_values
-
-    info = model_dir_info(path)
-    dtype = canonical_dtype(dtype or info["dtype"])
-    cfg = ModelConfig.from_hf(os.path.join(path, "config.json"), **config_overrides).replace(
-        dtype=dtype, param_dtype=dtype)
-    extra = fp8_leaf_values(os.path.join(path, "fp8"), cfg) if info.get("fp8") else None
-    return restore_params(os.path.join(path, "params"), cfg, extra, placement=placement)

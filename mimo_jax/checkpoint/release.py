@@ -17,8 +17,10 @@ from flax import nnx
 from mimo_jax.checkpoint import fp8
 from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps
 from mimo_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, SafetensorsCheckpoint
+from mimo_jax.core.dtypes import canonical_dtype
 from mimo_jax.core.errors import CheckpointError
-from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.config import ModelConfig, read_json_config
+from mimo_jax.model.shapes import abstract_model
 
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
@@ -30,8 +32,6 @@ _KV = re.compile(r"^(.*self_attn\.)([kv])_proj\.weight$")
 
 def model_shapes(cfg: ModelConfig) -> dict[tuple, tuple[tuple[int, ...], np.dtype]]:
     """Flat state path -> (shape, dtype) of every variable of the model, nothing allocated."""
-    from mimo_jax.model.shapes import abstract_model
-
     state = nnx.state(abstract_model(cfg))
     return {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in nnx.to_flat_state(state)}
 
@@ -185,3 +185,13 @@ def _error(problems: list[str]) -> CheckpointError:
     more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
     return CheckpointError(f"{len(problems)} problem(s) in the checkpoint:\n  "
                            + "\n  ".join(problems[:8]) + more)
+
+
+def checkpoint_dtype(path: str) -> str:
+    """The float dtype a HF/release directory's config declares (bfloat16 if none/float8)."""
+    hf = read_json_config(path)
+    dt = str(hf.get("dtype") or hf.get("torch_dtype") or "bfloat16")
+    try:
+        return canonical_dtype(dt)
+    except ValueError:  # e.g. a float8 torch_dtype: compute in bfloat16
+        return "bfloat16"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,3 +25,12 @@ def create_sharded(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules, *, seed: 
     # XLA partitions the initialisers: each device only ever computes its own shards.
     state = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+def placer(state: nnx.State, placement: tuple[jax.sharding.Mesh, ShardingRules] | None):
+    """`place(path, host_array) -> jax.Array`: on the default device, or into its shards
+    (checked against the mesh before anything is read)."""
+    if placement is None:
+        return lambda path, value: jnp.asarray(value)
+    shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, *placement))}
+    return lambda path, value: jax.device_put(value, shardings[path])
