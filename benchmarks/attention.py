@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import median_seconds, write_results  # noqa: E402
 
-from pallas_kernels.attention.reference import reference_attention  # noqa: E402
-from pallas_kernels.attention.xla_banded import xla_attention  # noqa: E402
+from pallas_kernels.attn.reference import reference_attention  # noqa: E402
+from pallas_kernels.attn.xla_banded import xla_attention  # noqa: E402
 
 WINDOW, HQ, HKV, DQK, DV = 128, 8, 1, 192, 128
 DENSE_LIMIT_BYTES = 8 * 2**30  # this box has ~16 GiB free; others run beside it

@@ -1,15 +1,23 @@
-"""Decode throughput: plain vs MTP speculative decoding, ours vs transformers, KV-cache bytes.
+"""Decode throughput: plain vs MTP speculative decoding, FP8 vs bf16 weights, sharded over 8
+simulated devices, ours vs transformers, KV-cache bytes.
 
     .venv/bin/python benchmarks/decode.py [--steps 150] [--new-tokens 64] [--quick]
 
 1. A tiny model (ModelConfig.tiny: byte vocabulary, 8 layers, 3 MTP heads) trained here with a
-   short optax loop (next-token + MTP losses) on Python stdlib sources; batch 1 and 8, greedy,
-   plain vs speculative K = 1, 2, 3: tokens/s (compile excluded, second of two identical runs)
-   and acceptance lengths. The same for a ~50M-parameter config with random weights.
-2. Ours vs transformers `generate` (greedy, eager, torch CPU) on the same small random model
+   short optax loop (next-token + MTP losses) on Python stdlib sources; batch 1, 4 and 16,
+   greedy, plain vs speculative K = 1, 2, 3: tokens/s (compile excluded, second of two
+   identical runs), acceptance length and speed-up per K. The same at batch 1 and 4 for a
+   ~50M-parameter config with random weights (the goal: speed-up >= 0.6 x acceptance length
+   at K = 3, batch 1).
+2. FP8 weights kept in FP8 (`quantize_model`, the release's block quantisation) vs bf16, for
+   both models: tokens/s, weight bytes, tokens agreeing with the bf16 model.
+3. Sharded generation on 8 simulated CPU devices (a subprocess): tokens/s, parameter and KV
+   bytes per device, tokens equal to one device; bf16 and FP8 weights.
+4. Ours vs transformers `generate` (greedy, eager, torch CPU) on the same small random model
    written with save_pretrained and read with mimo_jax.load.
-3. KV-cache bytes of the flash config (bf16, batch 1) at 4k/32k/256k vs all-global attention.
-Writes benchmarks/results/decode.{md,json}.
+5. KV-cache bytes of the flash config (bf16, batch 1) at 4k/32k/256k vs all-global attention.
+Writes benchmarks/results/decode.{md,json}. Simulated devices share the host's cores: the
+sharded rows show that sharded decoding runs and what each device holds, not a speed-up.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ from flax import nnx
 
 import mimo_jax
 from mimo_jax import MiMo, ModelConfig, param_count
-from mimo_jax.inference import cache_bytes, generate
+from mimo_jax.checkpoint.fp8_keep import quantize_model
+from mimo_jax.inference import cache_bytes, generate, tree_bytes, with_dtype
 from mimo_jax.model.config import AttentionSpec
+from mimo_jax.model.fp8_linear import fp8_weights
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -96,14 +106,17 @@ def timed_generate(model, prompts, **kw):
     return generate(model, prompts, **kw)
 
 
-def decode_table(name, model, held, batches, new_tokens, prompt_len=48):
+def held_prompts(held, b, prompt_len=48, seed=1):
+    starts = np.random.default_rng(seed + b).integers(0, len(held) - prompt_len, b)
+    return [held[s : s + prompt_len].tolist() for s in starts]
+
+
+def decode_table(name, model, held, batches, new_tokens, ks=(0, 1, 2, 3)):
     rows = []
-    rng = np.random.default_rng(1)
     for b in batches:
-        starts = rng.integers(0, len(held) - prompt_len, b)
-        prompts = [held[s : s + prompt_len].tolist() for s in starts]
+        prompts = held_prompts(held, b)
         base = None
-        for k in (0, 1, 2, 3):
+        for k in ks:
             out = timed_generate(model, prompts, max_new_tokens=new_tokens, speculative=k,
                                  stop_tokens=[])
             if k == 0:
@@ -170,38 +183,163 @@ def kv_bytes():
     return rows
 
 
+def weight_bytes(model) -> int:
+    """Bytes of a model's weights on device 0 (its shard when sharded)."""
+    total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        x = var.get_value()
+        total += x.addressable_shards[0].data.nbytes
+    return total
+
+
+def fp8_table(name, model_bf16, held, batches, new_tokens):
+    """bf16 weights vs the same weights quantised to FP8 and kept in FP8."""
+    model_fp8 = quantize_model(model_bf16)
+    rows = []
+    for b in batches:
+        prompts = held_prompts(held, b)
+        ref = timed_generate(model_bf16, prompts, max_new_tokens=new_tokens, stop_tokens=[])
+        out = timed_generate(model_fp8, prompts, max_new_tokens=new_tokens, stop_tokens=[])
+        agree = float(np.mean(np.asarray(out.tokens) == np.asarray(ref.tokens)))
+        for fmt, m, o in (("bf16", model_bf16, ref), ("fp8", model_fp8, out)):
+            rows.append(dict(model=name, batch=b, weights=fmt,
+                             tokens_per_second=o.tokens_per_second,
+                             weight_bytes=weight_bytes(m),
+                             fp8_weights=len(fp8_weights(m)),
+                             token_agreement_with_bf16=1.0 if fmt == "bf16" else agree))
+            print(f"  {name} batch {b} {fmt}: {o.tokens_per_second:.1f} tok/s, weights "
+                  f"{weight_bytes(m) / 2**20:.1f} MiB, agreement "
+                  f"{rows[-1]['token_agreement_with_bf16']:.3f}")
+    return rows
+
+
+def config_sharded() -> ModelConfig:
+    """ModelConfig.tiny with 4 KV heads on every layer, so tensor=2 and 4 divide them."""
+    return ModelConfig.tiny(full_attention=AttentionSpec(8, 4, 32, 24, 5e6, 0.25, False, None),
+                            sliding_attention=AttentionSpec(8, 4, 32, 24, 1e4, 0.25, True, 65))
+
+
+def sharded_worker(out_path: str, new_tokens: int) -> None:
+    """Runs in a subprocess started with 8 simulated devices."""
+    from mimo_jax import sharding as sh
+    from mimo_jax.inference.generate import new_cache
+    from mimo_jax.parallel import create_sharded
+
+    assert jax.device_count() == 8, jax.device_count()
+    cfg = config_sharded().replace(dtype="bfloat16", param_dtype="bfloat16")
+    data = stdlib_bytes(200_000)
+    rows = []
+    single = MiMo(cfg, rngs=nnx.Rngs(0))
+    for b in (1, 8):
+        prompts = held_prompts(data, b)
+        want = timed_generate(single, prompts, max_new_tokens=new_tokens, stop_tokens=[],
+                              speculative=2)
+        rows.append(dict(mesh="1 device", batch=b, weights="bf16",
+                         tokens_per_second=want.tokens_per_second,
+                         param_bytes_per_device=weight_bytes(single),
+                         kv_bytes_per_device=tree_bytes(new_cache(cfg, b, 128, 2, None)),
+                         same_tokens_as_one_device=True))
+        for spec in ("fsdp=8", "data=2,expert=2,tensor=2", "expert=2,tensor=4"):
+            mesh, rules = sh.make_mesh(spec), sh.ShardingRules.preset()
+            model = create_sharded(cfg, mesh, rules, seed=0)
+            for fmt in ("bf16", "fp8"):
+                m = model if fmt == "bf16" else quantize_model(model, (mesh, rules))
+                out = timed_generate(m, prompts, max_new_tokens=new_tokens, stop_tokens=[],
+                                     speculative=2, rules=rules)
+                cache = new_cache(cfg, b, 128, 2, (mesh, rules))
+                kv = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(cache))
+                rows.append(dict(mesh=spec, batch=b, weights=fmt,
+                                 tokens_per_second=out.tokens_per_second,
+                                 param_bytes_per_device=weight_bytes(m),
+                                 kv_bytes_per_device=kv,
+                                 same_tokens_as_one_device=(out.tokens == want.tokens
+                                                            if fmt == "bf16" else None)))
+                print(f"  {spec} batch {b} {fmt}: {out.tokens_per_second:.1f} tok/s, "
+                      f"params/device {rows[-1]['param_bytes_per_device'] / 2**20:.1f} MiB, "
+                      f"same tokens {rows[-1]['same_tokens_as_one_device']}", flush=True)
+    with open(out_path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def sharded_rows(new_tokens: int) -> list[dict]:
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "sharded.json")
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--sharded-worker", out,
+                        "--new-tokens", str(new_tokens)], env=env, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--quick", action="store_true", help="batch 1 only, skip the 50M config")
+    ap.add_argument("--quick", action="store_true",
+                    help="batch 1 only; skip the 50M config and the sharded rows")
+    ap.add_argument("--no-transformers", action="store_true",
+                    help="skip the transformers comparison (e.g. on an accelerator host)")
+    ap.add_argument("--no-sharded", action="store_true", help="skip the sharded rows")
+    ap.add_argument("--name", default="decode", help="results file stem (default: decode)")
+    ap.add_argument("--sharded-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    batches = [1] if args.quick else [1, 8]
+    if args.sharded_worker:
+        sharded_worker(args.sharded_worker, args.new_tokens)
+        return
+    batches = [1] if args.quick else [1, 4, 16]
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
     print("training the tiny model (optax loop in this script, stdlib sources as bytes)")
     tiny, held, train_log = train_tiny(args.steps)
     results = {"train_log": train_log, "decode": [], "train_steps": args.steps}
     results["decode"] += decode_table("tiny-trained", tiny, held, batches, args.new_tokens)
+    tiny_bf16 = with_dtype(tiny, "bf16")
+    results["fp8"] = fp8_table("tiny-trained", tiny_bf16, held, batches[:2], args.new_tokens)
     if not args.quick:
         cfg = config_50m()
         print(f"~50M config: {param_count(cfg).total_with_mtp / 1e6:.1f}M parameters (random)")
         big = MiMo(cfg, rngs=nnx.Rngs(0))
-        results["decode"] += decode_table("50M-random", big, held, batches, args.new_tokens)
+        results["decode"] += decode_table("50M-random", big, held, batches[:2], args.new_tokens)
         results["params_50m"] = param_count(cfg).total_with_mtp
-    results["vs_transformers"] = vs_transformers(batches, args.new_tokens)
+        results["fp8"] += fp8_table("50M-random", with_dtype(big, "bf16"), held, [1],
+                                    args.new_tokens)
+        if not args.no_sharded:
+            print("sharded generation on 8 simulated devices (subprocess)")
+            results["sharded"] = sharded_rows(args.new_tokens // 2)
+    goal = [d for d in results["decode"] if d["model"] == "50M-random" and d["batch"] == 1
+            and d["speculative"] == 3]
+    results["goal_k3_batch1_50m"] = (
+        dict(speedup=goal[0]["speedup"], acceptance_length=goal[0]["acceptance_length"],
+             met=goal[0]["speedup"] >= 0.6 * goal[0]["acceptance_length"]) if goal else None)
+    results["vs_transformers"] = ([] if args.no_transformers else
+                                  vs_transformers(batches[:1] + [8], args.new_tokens))
     results["kv_cache_bytes_flash_bf16_batch1"] = kv_bytes()
     results["meta"] = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"), nproc=os.cpu_count(),
         cpu=_cpu(), python=platform.python_version(), jax=jax.__version__,
-        flax=__import__("flax").__version__, torch=__import__("torch").__version__,
-        transformers=__import__("transformers").__version__, new_tokens=args.new_tokens,
+        flax=__import__("flax").__version__, torch=_version("torch"),
+        transformers=_version("transformers"), new_tokens=args.new_tokens,
+        backend=jax.default_backend(), device=jax.devices()[0].device_kind,
         seconds=time.perf_counter() - t_start, loadavg=os.getloadavg(),
+        loadavg_start=load_start,
     )
     os.makedirs(RESULTS, exist_ok=True)
-    _write(os.path.join(RESULTS, "decode.json"), json.dumps(results, indent=1, default=float))
+    _write(os.path.join(RESULTS, f"{args.name}.json"),
+           json.dumps(results, indent=1, default=float))
     md = to_markdown(results)
-    _write(os.path.join(RESULTS, "decode.md"), md)
+    _write(os.path.join(RESULTS, f"{args.name}.md"), md)
     print(md)
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "-"
 
 
 def _cpu() -> str:
@@ -224,8 +362,10 @@ def _write(path: str, text: str) -> None:
 def to_markdown(r) -> str:
     m = r["meta"]
     out = [f"# Decode benchmark ({m['date']})", "",
-           f"Machine: {m['nproc']} CPUs, {m['cpu']}, load average {m['loadavg'][0]:.1f} "
-           f"(shared machine); jax {m['jax']}, flax {m['flax']}, torch {m['torch']}, "
+           f"Machine: {m.get('backend', 'cpu')} ({m.get('device', 'cpu')}), "
+           f"{m['nproc']} CPUs, {m['cpu']}, load average "
+           f"{m.get('loadavg_start', m['loadavg'])[0]:.1f} at the start, {m['loadavg'][0]:.1f} "
+           f"at the end (shared machine); jax {m['jax']}, flax {m['flax']}, torch {m['torch']}, "
            f"transformers {m['transformers']}. {m['new_tokens']} new tokens per row, greedy, "
            "compile excluded.", "",
            f"Tiny model trained for {r['train_steps']} optax steps in the script "
@@ -239,6 +379,29 @@ def to_markdown(r) -> str:
         out.append(f"| {d['model']} | {d['batch']} | {d['speculative']} | "
                    f"{d['tokens_per_second']:.1f} | {al} | {d['speedup']:.2f} | {sa} | "
                    f"{d['same_tokens_as_plain']} |")
+    goal = r.get("goal_k3_batch1_50m")
+    if goal:
+        out += ["", f"Goal (K = 3, batch 1, ~50M config): speed-up {goal['speedup']:.2f} vs "
+                f"0.6 x acceptance length = {0.6 * goal['acceptance_length']:.2f}: "
+                f"{'met' if goal['met'] else 'NOT met'}."]
+    out += ["", "| FP8 kept in FP8 vs bf16 | batch | weights | tokens/s | weight bytes | "
+            "FP8 weights | greedy tokens equal to bf16 |", "|---|---|---|---|---|---|---|"]
+    for d in r.get("fp8", []):
+        out.append(f"| {d['model']} | {d['batch']} | {d['weights']} | "
+                   f"{d['tokens_per_second']:.1f} | {d['weight_bytes'] / 2**20:.2f} MiB | "
+                   f"{d['fp8_weights']} | {d['token_agreement_with_bf16']:.3f} |")
+    if r.get("sharded"):
+        out += ["", "Sharded generation (8 simulated CPU devices sharing the host's cores; "
+                "speculative K = 2, bf16 compute; bytes are device 0's shard):", "",
+                "| mesh | batch | weights | tokens/s | params / device | KV / device | "
+                "same tokens as 1 device |", "|---|---|---|---|---|---|---|"]
+        for d in r["sharded"]:
+            same = "-" if d["same_tokens_as_one_device"] is None else d[
+                "same_tokens_as_one_device"]
+            out.append(f"| {d['mesh']} | {d['batch']} | {d['weights']} | "
+                       f"{d['tokens_per_second']:.1f} | "
+                       f"{d['param_bytes_per_device'] / 2**20:.2f} MiB | "
+                       f"{d['kv_bytes_per_device'] / 2**10:.0f} KiB | {same} |")
     out += ["", "| ours vs transformers generate (small random config) | batch | ours tok/s | "
             "transformers tok/s | ratio | greedy agreement |", "|---|---|---|---|---|---|"]
     for d in r["vs_transformers"]:

@@ -1,4 +1,7 @@
-"""The `mimo-jax` command line. Each feature module registers its own subcommand here."""
+"""The `mimo-jax` command line. Each feature module registers its own subcommand here.
+
+Global flags go before the subcommand: `mimo-jax --quiet train ...`, `mimo-jax -v convert ...`.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +19,17 @@ _COMMANDS = [
     "mimo_jax.commands.train",
     "mimo_jax.commands.demo",
     "mimo_jax.commands.generate",
+    "mimo_jax.commands.eval",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo-jax", description=__doc__)
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="print only errors and final results (no progress, no step lines)")
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also print the INFO logs of jax, Orbax and Grain")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in _COMMANDS:
         importlib.import_module(module).register(sub)
@@ -28,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mimo_jax.core import logs
+
     args = build_parser().parse_args(argv)
+    logs.set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     return int(args.func(args) or 0)
 
 

@@ -96,16 +96,25 @@ def test_training_workdir_layout_loads_and_exports(f32, tmp_path):
     d, ids, ref = f32
     model = mimo_jax.load(str(d / "hf"), dtype="float32")
     work = tmp_path / "work"
+    state = nnx.to_pure_dict(nnx.state(model))
+    # Step 3 holds other weights (a scaled LM head), so loading the wrong step shows.
+    earlier = {**state, "lm_head": np.asarray(state["lm_head"]) * 2.0}
     mngr = ocp.CheckpointManager(str(work / "checkpoints"),
                                  item_names=("params", "meta"))
-    for step in (3, 7):
+    for step, params in ((3, earlier), (7, state)):
         mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+            params=ocp.args.StandardSave(params),
             meta=ocp.args.JsonSave({"config": model.cfg.to_hf(), "tokenizer": {}})))
     mngr.wait_until_finished()
     mngr.close()
-    for path in (work, work / "checkpoints" / "3"):
+    for path in (work, work / "checkpoints" / "7"):  # the work dir means its latest step
         out = mimo_jax.load(str(path))(jnp.asarray(ids))
         assert np.abs(np.asarray(out.logits) - ref).max() <= 1e-4
+    at3 = nnx.to_pure_dict(nnx.state(mimo_jax.load(str(work / "checkpoints" / "3"))))
+    np.testing.assert_array_equal(np.asarray(at3["lm_head"]), earlier["lm_head"])
     back = orbax_to_hf(str(work), str(tmp_path / "hf"), progress=False)
     assert_same_tensors(str(d / "hf"), back)
+    back3 = orbax_to_hf(str(work / "checkpoints" / "3"), str(tmp_path / "hf3"), progress=False)
+    head = SafetensorsCheckpoint(back3).get("lm_head.weight")
+    np.testing.assert_array_equal(head, 2.0 * SafetensorsCheckpoint(str(d / "hf")).get(
+        "lm_head.weight"))

@@ -171,8 +171,8 @@ def test_sliding_cache_memory_is_constant():
     short, long = init_cache(cfg, 2, 64, mtp_heads=3), init_cache(cfg, 2, 4096, mtp_heads=3)
     for a, b in zip(short.blocks + short.mtp, long.blocks + long.mtp, strict=True):
         assert a.k.shape == b.k.shape and a.v.shape == b.v.shape  # all sliding
-        assert a.k.shape[-3] == WINDOW
-    assert short.prefix[0].k.shape[1] == 64 and long.prefix[0].k.shape[1] == 4096
+        assert a.k.shape[-2] == WINDOW  # [(blocks,) B, Hkv, S, D]
+    assert short.prefix[0].k.shape[2] == 64 and long.prefix[0].k.shape[2] == 4096
     # Sliding + MTP bytes are independent of length; cache_bytes agrees with real arrays.
     s1, s2 = cache_bytes(cfg, 2, 64), cache_bytes(cfg, 2, 4096)
     assert s1["sliding"] == s2["sliding"] and s1["mtp"] == s2["mtp"]

@@ -101,7 +101,7 @@ def test_logits_match_transformers_with_each_attention_kernel(implementation, tm
     """The default (xla) path is covered above; the Pallas kernels run in interpret mode."""
     from flax import nnx
 
-    from pallas_kernels.attention import use_implementation
+    from pallas_kernels.attn import use_implementation
 
     hf = random_hf_model(seed=5, **CONFIGS["grouped_routing"])
     hf.save_pretrained(tmp_path)

@@ -56,34 +56,71 @@ def test_greedy_speculative_equals_plain_good_heads():
         t[:7] for t in plain.tokens]
 
 
-def test_sampled_speculative_has_the_main_distribution():
-    """N rows sample 3 tokens: t1 from the prefill, (t2, t3) from one speculative round with
-    K = 2 (copy heads: q close to p but not equal, so drafts are both accepted and rejected,
-    and the residual max(p - q, 0) is sampled). The joint law of
-    (t1, t2, t3) must be the main model's, computed exactly by enumeration.
+def test_batched_rows_advance_independently():
+    """Batch 4, prompts of different lengths (3..20, the ring wraps): each row accepts its own
+    number of drafts per round, and every row's tokens equal plain decoding and the same
+    prompt generated alone (batch 1)."""
+    model = copy_heads_model()
+    prompts = PROMPTS + [[3, 1, 4, 1, 5, 9, 2, 6]]
+    plain = generate(model, prompts, max_new_tokens=30)
+    spec = generate(model, prompts, max_new_tokens=30, speculative=3)
+    assert spec.tokens == plain.tokens
+    for i in (0, 3):
+        alone = generate(model, [prompts[i]], max_new_tokens=30, speculative=3)
+        assert alone.tokens[0] == spec.tokens[i]
+        assert alone.row_acceptance_lengths[0] == pytest.approx(spec.row_acceptance_lengths[i])
+    rows = spec.row_acceptance_lengths
+    assert len(set(np.round(rows, 6))) > 1, rows  # rows advanced by different amounts
+    assert all(1.0 <= a <= 4.0 for a in rows)
 
-    Threshold: chi-square goodness of fit at p > 1e-3 (the seed is fixed, so the test is
-    deterministic; a correct sampler fails with probability 1e-3 over seeds). With N = 4096
-    and 64 cells this detects a total-variation error of a few percent, far below what a
-    wrong rule gives (e.g. accepting drafts without the p/q test shifts mass by tens of %).
+
+def test_accept_is_per_row():
+    """Row 0 rejects its first draft, row 1 accepts all (bonus from p_K), row 2 stops at the
+    second; greedy (one-hot) distributions make the outcome deterministic."""
+    from mimo_jax.inference.speculative import accept
+
+    v = 6
+    onehot = lambda ids: jax.nn.one_hot(jnp.asarray(ids), v)  # noqa: E731
+    d = jnp.asarray([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    q = onehot(d)
+    p = onehot([[4, 2, 3, 5], [1, 2, 3, 5], [1, 0, 3, 5]])
+    a, nxt = accept(p, q, d, jax.random.key(0), jax.random.key(1))
+    assert a.tolist() == [0, 3, 1] and nxt.tolist() == [4, 5, 0]
+
+
+def test_sampled_speculative_has_the_main_distribution():
+    """A batch of 4 different prompts (lengths 3..11, so rows sit at different positions and
+    accept different numbers of drafts), each repeated N times, samples 3 tokens: t1 from the
+    prefill, (t2, t3) from one speculative round with K = 2 (copy heads: q close to p but not
+    equal, so drafts are both accepted and rejected, and the residual max(p - q, 0) is
+    sampled). Each prompt's joint law of (t1, t2, t3) must be the main model's, computed
+    exactly by enumeration.
+
+    Threshold: chi-square goodness of fit at p > 1e-3 per prompt (the seed is fixed, so the
+    test is deterministic; a correct sampler fails with probability ~4e-3 over seeds). With
+    N = 2048 and 64 cells this detects a total-variation error of a few percent, far below
+    what a wrong rule gives (e.g. accepting drafts without the p/q test shifts mass by tens
+    of %).
     """
-    model, n = copy_heads_model(1.0), 4096
+    model, n = copy_heads_model(1.0), 2048
     params = dict(temperature=1.3, top_k=4, top_p=1.0)  # top-k keeps the cells few
-    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    exact = _exact_joint(model, prompt, sampling_params(**params))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 7, 2], [11, 5, 8, 13, 21, 34, 55, 1, 2, 3, 4],
+               [60, 2, 9, 40, 33]]
+    exact = [_exact_joint(model, p, sampling_params(**params)) for p in prompts]
     for spec_k in (2, 0):  # speculative, then plain sampling as a control
-        out = generate(model, [prompt] * n, max_new_tokens=3, seed=11, speculative=spec_k,
+        out = generate(model, prompts * n, max_new_tokens=3, seed=11, speculative=spec_k,
                        **params)
-        counts: dict[tuple, int] = {}
-        for t in out.tokens:
-            counts[tuple(t)] = counts.get(tuple(t), 0) + 1
-        assert set(counts) <= set(exact), "sampled a sequence of probability 0"
-        keys = sorted(exact)
-        obs = np.array([counts.get(c, 0) for c in keys], float)
-        exp = np.array([exact[c] for c in keys]) * n
-        chi2 = float(np.sum((obs - exp) ** 2 / exp))
-        p_value = stats.chi2.sf(chi2, len(keys) - 1)
-        assert p_value > 1e-3, (spec_k, chi2, p_value)
+        for i, want in enumerate(exact):
+            counts: dict[tuple, int] = {}
+            for t in out.tokens[i :: len(prompts)]:
+                counts[tuple(t)] = counts.get(tuple(t), 0) + 1
+            assert set(counts) <= set(want), "sampled a sequence of probability 0"
+            keys = sorted(want)
+            obs = np.array([counts.get(c, 0) for c in keys], float)
+            exp = np.array([want[c] for c in keys]) * n
+            chi2 = float(np.sum((obs - exp) ** 2 / exp))
+            p_value = stats.chi2.sf(chi2, len(keys) - 1)
+            assert p_value > 1e-3, (spec_k, i, chi2, p_value)
         if spec_k:
             assert 1.2 < out.acceptance_length < 2.8, out.acceptance_length
 

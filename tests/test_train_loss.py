@@ -216,7 +216,8 @@ def test_grad_accumulation_matches_one_batch(accum):
     from mimo_jax.train.step import make_train_step
 
     tc = TrainConfig(model={"num_layers": 2, "hidden_size": 32, "vocab_size": 260,
-                            "num_mtp_layers": 1}, seq_len=16, batch_size=4)
+                            "num_mtp_layers": 1}, seq_len=16, batch_size=4,
+                     warmup_steps=0)  # the optimizer's own count starts at 0: lr 0 in warmup
     cfg = tc.model_config()
     ids = np.random.default_rng(5).integers(0, 259, (4, 16))
     seg = np.array([[1] * 16, [1] * 8 + [2] * 8, [1] * 4 + [0] * 12, [1] * 16])
@@ -234,3 +235,12 @@ def test_grad_accumulation_matches_one_batch(accum):
     np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(o1), jax.tree.leaves(o2), strict=True):
         np.testing.assert_array_equal(a, b)  # same summed expert load -> same bias update
+    # The updated parameters: accumulated microbatches step like the one large batch. AdamW's
+    # first step moves each weight by about lr * sign(grad), so compare against that scale.
+    lr = tc.lr
+    moved = 0
+    for (path, a), b, p0 in zip(jax.tree_util.tree_leaves_with_path(p1), jax.tree.leaves(p2),
+                                jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0.02 * lr, err_msg=str(path))
+        moved += int(np.sum(np.abs(np.asarray(a) - np.asarray(p0)) > 0.5 * lr))
+    assert moved > 0.5 * sum(x.size for x in jax.tree.leaves(params))  # the step did move

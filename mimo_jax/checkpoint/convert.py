@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from mimo_jax.checkpoint import fp8
 from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_hf, to_model
@@ -44,6 +43,7 @@ from mimo_jax.checkpoint.release import (
 from mimo_jax.checkpoint.safetensors_io import DTYPE_NAMES, DTYPES, ShardedWriter
 from mimo_jax.core.dtypes import canonical_dtype
 from mimo_jax.core.errors import CheckpointError
+from mimo_jax.core.logs import Progress
 from mimo_jax.model.config import ModelConfig
 
 # What the release quantises (checkpoint.md §2): q/k/v, dense MLPs, experts.
@@ -118,8 +118,7 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, keep_fp8: bool 
                  and reader.ckpt.dtype(n) != _default_hf_dtype(n, src_dtype)}
 
     total = sum(_source_bytes(reader, n) for n in names)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc="hf-to-orbax", smoothing=0.1)
+    bar = Progress(total, desc="hf-to-orbax", unit="B", unit_scale=True, enabled=progress)
     with staged_output(dst, overwrite) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg.to_hf(), f, indent=2)
@@ -160,7 +159,7 @@ def _unit_shape(shape: tuple[int, ...], group: list[TensorMap]) -> tuple[int, ..
 
 
 def _fill_params(reader: ReleaseReader, groups: dict[Path, list[TensorMap]],
-                 shapes: dict, writer: SlabWriter, bar: tqdm) -> None:
+                 shapes: dict, writer: SlabWriter, bar: Progress) -> None:
     units = []  # (file, offset, path, map, expert or row slab)
     for path, group in groups.items():
         for m in group:
@@ -224,7 +223,7 @@ def _fp8_leaf_shapes(reader: ReleaseReader, group: list[TensorMap]) -> dict:
 
 
 def _fill_fp8(reader: ReleaseReader, groups: dict[Path, list[TensorMap]], writer: SlabWriter,
-              bar: tqdm) -> None:
+              bar: Progress) -> None:
     units = [(*reader.offset(n), p, m, j, n) for p, g in groups.items() for m in g
              for j, n in enumerate(m.hf_names)]
     units.sort(key=lambda u: (u[0], u[1]))
@@ -344,8 +343,7 @@ def orbax_to_hf(src: str, dst: str, *, fp8_out: bool = False, overwrite: bool = 
                         name):
                     ignored.append(name[: -len(".weight")])
     total = sum(dt.itemsize * int(np.prod(s)) for _, dt, s in plan)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-               desc="orbax-to-hf", smoothing=0.1)
+    bar = Progress(total, desc="orbax-to-hf", unit="B", unit_scale=True, enabled=progress)
     with staged_output(dst, overwrite) as tmp:
         writer = ShardedWriter(tmp, plan, max_shard_bytes)
         dtypes = {name: dt for name, dt, _ in plan}

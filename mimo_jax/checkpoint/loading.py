@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mimo_jax.checkpoint import orbax_io
+from mimo_jax.checkpoint import fp8_keep, orbax_io
 from mimo_jax.checkpoint.convert import fp8_leaf_values
 from mimo_jax.checkpoint.hf_mapping import TensorMap, hf_shapes, tensor_maps, to_model
 from mimo_jax.checkpoint.release import ReleaseReader, checkpoint_dtype
@@ -38,6 +38,7 @@ def load(
     dtype: DTypeLike | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: ShardingRules | None = None,
+    keep_fp8: bool = False,
     **config_overrides,
 ) -> MiMo:
     """A ready model from any of:
@@ -54,6 +55,9 @@ def load(
       mesh: place every parameter directly in its shards on this mesh (see
         `mimo_jax.sharding`); the host holds at most one parameter at a time.
       rules: sharding rules for `mesh` (default: `ShardingRules.preset()`).
+      keep_fp8: keep the FP8 weights (a release directory, or an Orbax directory converted
+        with `--keep-fp8`) as E4M3 payloads plus their block scales on device, dequantised
+        inside the matmuls (`mimo_jax.model.fp8_linear`): half the memory of bfloat16.
       config_overrides: ModelConfig fields to change (for example `sliding_window_keys`-style
         semantics are set through `sliding_attention`).
     """
@@ -63,10 +67,13 @@ def load(
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a checkpoint directory")
     if orbax_io.is_model_dir(path):
-        return restore_model_dir(path, dtype=dtype, placement=placement,
-                                          **config_overrides)
+        return restore_model_dir(path, dtype=dtype, placement=placement, keep_fp8=keep_fp8,
+                                 **config_overrides)
     step = orbax_io.training_step_dir(path)
     if step is not None:
+        if keep_fp8:
+            raise CheckpointError(f"{path}: keep_fp8 needs FP8 weights; a training checkpoint "
+                                  "has none")
         hf = orbax_io.step_config(step)
         dtype = dtype or str(hf.get("torch_dtype") or "float32")
         cfg = ModelConfig.from_hf(hf, **config_overrides).replace(dtype=dtype, param_dtype=dtype)
@@ -78,7 +85,11 @@ def load(
         reader.validate()
         cfg = reader.cfg.replace(dtype=dtype or "bfloat16", param_dtype=dtype or "bfloat16")
         names = {n for n in ckpt if not (n.endswith("_scale_inv") and n[:-10] in fp8)}
-        return load_from_tensors(cfg, reader.read, names, source=path, placement=placement)
+        return load_from_tensors(cfg, reader.read, names, source=path, placement=placement,
+                                 fp8_source=fp8_keep.ReleaseSource(reader) if keep_fp8 else None)
+    if keep_fp8:
+        raise CheckpointError(f"{path}: keep_fp8 given but the checkpoint has no FP8 tensors "
+                              "(E4M3 with a weight_scale_inv)")
     mtp_layers = {int(m.group(1)) for n in ckpt if (m := _MTP_LAYER.match(n))}
     if mtp_layers and mtp_layers != set(range(len(mtp_layers))):
         raise CheckpointError(f"{path}: MTP layers {sorted(mtp_layers)} are not 0..n-1")
@@ -91,14 +102,14 @@ def load(
 
 
 def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str,
-                      placement: tuple[jax.sharding.Mesh, ShardingRules] | None = None) -> MiMo:
+                      placement: tuple[jax.sharding.Mesh, ShardingRules] | None = None,
+                      fp8_source: fp8_keep.ReleaseSource | None = None) -> MiMo:
     """Fill the abstract model from released tensors given by `get(name) -> np.ndarray`.
 
     `placement` (mesh, rules): put each parameter straight into its shards on the mesh.
+    `fp8_source`: keep the parameters whose tensors it holds in FP8 as FP8 weights.
     """
-    graphdef, state = nnx.split(abstract_model(cfg))
-    flat = dict(nnx.to_flat_state(state))
-    place = placer(state, placement)
+    model = abstract_model(cfg)
     maps = tensor_maps(cfg)
     known = {n for m in maps for n in m.hf_names}
     unknown = sorted(n for n in names - known if not _IGNORED.match(n))
@@ -114,7 +125,14 @@ def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str,
     by_path: dict[tuple, list[TensorMap]] = {}
     for m in maps:
         by_path.setdefault(m.path, []).append(m)
+    kept = {} if fp8_source is None else fp8_keep.install(model, by_path, fp8_source)
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    place = placer(state, placement)
+    fp8_keep.fill(flat, by_path, kept, fp8_source, place)
     for p, group in by_path.items():
+        if p in kept:
+            continue
         var = flat[p]
         stacked = group[0].block is not None
         shape = var.shape[1:] if stacked else var.shape
@@ -136,11 +154,33 @@ def load_from_tensors(cfg: ModelConfig, get, names: set[str], *, source: str,
 
 
 def restore_model_dir(path: str, *, dtype: str | None = None, placement=None,
-                      **config_overrides):
-    """A `MiMo` from an Orbax model directory (FP8 leaves dequantised)."""
+                      keep_fp8: bool = False, **config_overrides):
+    """A `MiMo` from an Orbax model directory (FP8 leaves dequantised, or kept as FP8)."""
     info = orbax_io.model_dir_info(path)
     dtype = canonical_dtype(dtype or info["dtype"])
     cfg = ModelConfig.from_hf(os.path.join(path, "config.json"), **config_overrides).replace(
         dtype=dtype, param_dtype=dtype)
-    extra = fp8_leaf_values(os.path.join(path, "fp8"), cfg) if info.get("fp8") else None
-    return orbax_io.restore_params(os.path.join(path, "params"), cfg, extra, placement=placement)
+    params_dir, fp8_dir = os.path.join(path, "params"), os.path.join(path, "fp8")
+    if not keep_fp8:
+        extra = fp8_leaf_values(fp8_dir, cfg) if info.get("fp8") else None
+        return orbax_io.restore_params(params_dir, cfg, extra, placement=placement)
+    if not info.get("fp8"):
+        raise CheckpointError(f"{path}: keep_fp8 needs FP8 weights; this directory holds none "
+                              "(convert with `mimo-jax convert hf-to-orbax --keep-fp8`)")
+    source = fp8_keep.OrbaxSource(fp8_dir, cfg)
+    model = abstract_model(cfg)
+    groups: dict[tuple, list[TensorMap]] = {}
+    for m in tensor_maps(cfg):
+        groups.setdefault(m.path, []).append(m)
+    kept = fp8_keep.install(model, groups, source)
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    place = placer(state, placement)
+    extra: dict[tuple, object] = {}
+    fp8_keep.fill(flat, groups, kept, source,
+                  lambda p, value: extra.setdefault(p, place(p, value)))
+    for p, group in groups.items():  # stored as FP8 but not keepable: dequantised here
+        if p not in kept and all(source.is_fp8(n) for m in group for n in m.hf_names):
+            var = flat[p]
+            extra[p] = fp8_keep.dequantized(group, tuple(var.shape), var.dtype, source)
+    return orbax_io.restore_params(params_dir, cfg, extra, placement=placement, abstract=model)

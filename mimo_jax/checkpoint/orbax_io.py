@@ -43,6 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from flax import nnx
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers, types
@@ -168,7 +169,9 @@ def save_streamed(directory: str, leaves: dict[Path, tuple[tuple[int, ...], np.d
             node = node.setdefault(str(k), {})
         node[str(path[-1])] = _placeholder(path, shape, np.dtype(dtype))
     handler = _StreamHandler(fill, chunks, txn_bytes)
-    registry = ocp.type_handlers.create_type_handler_registry((_Placeholder, handler))
+    # A jax.Array handler too (the tree has none): Orbax warns when a registry lacks one.
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (_Placeholder, handler), (jax.Array, ocp.type_handlers.ArrayHandler()))
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
     try:
         ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree))
@@ -187,9 +190,10 @@ class LeafReader:
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)
         self.ocdbt = os.path.exists(os.path.join(self.directory, "manifest.ocdbt"))
-        meta = ocp.StandardCheckpointer().metadata(self.directory)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
+        # The handler's metadata, not the Checkpointer's: a training step's `params/` item has
+        # no step-level _CHECKPOINT_METADATA, and the Checkpointer warns about that.
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory))
+        tree = getattr(meta, "tree", meta)
         self.leaves: dict[Path, Any] = {
             tuple(_key(k) for k in p): v
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -223,14 +227,17 @@ def _key(k) -> str:
 
 
 def restore_params(params_dir: str | os.PathLike, cfg: ModelConfig,
-                   extra: dict[Path, np.ndarray] | None = None, placement=None):
+                   extra: dict[Path, np.ndarray] | None = None, placement=None,
+                   abstract=None):
     """A `MiMo` with the parameters of an Orbax `params/` checkpoint (StandardSave of
     `nnx.to_pure_dict(nnx.state(model))`), cast to `cfg.param_dtype` (routers stay float32).
 
     `extra`: values for leaves absent from the checkpoint (the dequantised FP8 ones).
     `placement` (mesh, rules): restore every parameter directly into its shards.
+    `abstract`: the abstract model to fill (default `abstract_model(cfg)`; one with FP8
+    weights kept, whose payloads and scales come in `extra`).
     """
-    graphdef, state = nnx.split(abstract_model(cfg))
+    graphdef, state = nnx.split(abstract_model(cfg) if abstract is None else abstract)
     flat = dict(nnx.to_flat_state(state))
     place = placer(state, placement)
     shardings = ({} if placement is None else

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mimo_jax.commands.common import dtype_arg, fail
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert checkpoints: hf-to-orbax, orbax-to-hf")
@@ -17,8 +19,9 @@ def _add_subcommands(p: argparse.ArgumentParser) -> None:
     h.add_argument("src")
     h.add_argument("dst")
     group = h.add_mutually_exclusive_group()
-    group.add_argument("--dtype", choices=["bf16", "f32"],
-                       help="parameter dtype (default: the checkpoint's; bf16 for FP8 sources)")
+    group.add_argument("--dtype", type=dtype_arg, metavar="DTYPE",
+                       help="parameter dtype: bf16 | f32 | f16, any spelling (default: the "
+                            "checkpoint's; bf16 for FP8 sources)")
     group.add_argument("--keep-fp8", action="store_true",
                        help="store FP8 payloads and scales as they are; dequantised on load")
     h.add_argument("--overwrite", action="store_true", help="replace an existing DST")
@@ -47,9 +50,8 @@ def run(args: argparse.Namespace) -> int:
             out = orbax_to_hf(args.src, args.dst, fp8_out=args.fp8, overwrite=args.overwrite,
                               max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
                               progress=not args.no_progress)
-    except (CheckpointError, FileExistsError, ValueError) as e:
-        print(f"mimo-jax convert: error: {e}", file=sys.stderr)
-        return 1
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+        return fail("convert", e, code=1)
     print(f"wrote {out}")
     return 0
 

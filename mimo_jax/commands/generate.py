@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import sys
+
+from mimo_jax.commands.common import dtype_arg, fail
+from mimo_jax.core import logs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="draft K tokens per step with the first K MTP heads (0 = off)")
     p.add_argument("--max-len", type=int, default=None, help="cache length (default: fitted)")
-    p.add_argument("--dtype", default=None, help="parameter/compute dtype (default: checkpoint's)")
+    p.add_argument("--dtype", type=dtype_arg, default=None, metavar="DTYPE",
+                   help="parameter/compute dtype: bf16 | f32 | f16, any spelling "
+                        "(default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -30,21 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _recorded_spec(path: str) -> dict | None:
     """The tokenizer spec a training run recorded in its checkpoint's `meta` item (a work
     directory's latest step, or one step directory), if any."""
-    dirs = [path]
-    ckpts = os.path.join(path, "checkpoints")
-    steps = [d for d in (os.listdir(ckpts) if os.path.isdir(ckpts) else []) if d.isdigit()]
-    if steps:
-        dirs.insert(0, os.path.join(ckpts, max(steps, key=int)))
-    for d in dirs:
-        for f in sorted(glob.glob(os.path.join(d, "meta", "*"))):
-            try:
-                with open(f) as fh:
-                    meta = json.load(fh)
-            except (OSError, ValueError):
-                continue
-            if isinstance(meta, dict) and isinstance(meta.get("tokenizer"), dict):
-                return meta["tokenizer"]
-    return None
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from mimo_jax.checkpoint.orbax_io import training_step_dir
+    from mimo_jax.core.errors import CheckpointError
+
+    try:
+        step = training_step_dir(path)
+    except CheckpointError:
+        return None
+    if step is None or not os.path.isdir(os.path.join(step, "meta")):
+        return None
+    try:  # Orbax's own reader of the JsonSave item, not its file layout
+        meta = ocp.JsonCheckpointHandler().restore(epath.Path(step) / "meta")
+    except (OSError, ValueError):
+        return None
+    spec = meta.get("tokenizer") if isinstance(meta, dict) else None
+    return spec if isinstance(spec, dict) else None
 
 
 def resolve_tokenizer(path: str, model=None):
@@ -54,6 +60,10 @@ def resolve_tokenizer(path: str, model=None):
 
     base = path if os.path.isdir(path) else os.path.dirname(path)
     spec = _recorded_spec(base)
+    local = os.path.join(base, "tokenizer.json")
+    if spec and spec.get("kind") == "hf" and not os.path.exists(str(spec.get("path"))) \
+            and os.path.isfile(local):
+        spec = {**spec, "path": local}  # a moved work directory: the recorded path is stale
     if spec is None and os.path.isfile(os.path.join(base, "tokenizer.json")):
         spec = {"kind": "hf", "path": os.path.join(base, "tokenizer.json"), "bos": None,
                 "eos": None}
@@ -85,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
             speculative=args.speculative, max_len=args.max_len,
         )
     except (ValueError, FileNotFoundError, mimo_jax.CheckpointError) as e:
-        print(f"mimo-jax generate: error: {e}", file=sys.stderr)
-        return 2
+        return fail("generate", e)
     if args.json:
         print(json.dumps({
             "text": out.text[0],
@@ -100,6 +109,6 @@ def run(args: argparse.Namespace) -> int:
         print(args.prompt + out.text[0])
         extra = "" if out.acceptance_length is None else (
             f", acceptance length {out.acceptance_length:.2f}")
-        print(f"[{out.num_new_tokens} tokens, {out.tokens_per_second:.1f} tokens/s{extra}, "
-              f"compile {out.compile_seconds:.1f}s]", file=sys.stderr)
+        logs.info(f"[{out.num_new_tokens} tokens, {out.tokens_per_second:.1f} tokens/s{extra}, "
+                  f"compile {out.compile_seconds:.1f}s]")
     return 0

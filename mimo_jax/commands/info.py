@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from mimo_jax.commands.common import fail
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model config, its parameter counts, run a forward")
@@ -19,13 +21,17 @@ def run(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from mimo_jax import MiMo, ModelConfig, param_count
+    from mimo_jax.core.errors import CheckpointError
 
-    if args.config == "tiny":
-        cfg = ModelConfig.tiny()
-    elif args.config == "flash":
-        cfg = ModelConfig.flash()
-    else:
-        cfg = ModelConfig.from_hf(args.config)
+    try:
+        if args.config == "tiny":
+            cfg = ModelConfig.tiny()
+        elif args.config == "flash":
+            cfg = ModelConfig.flash()
+        else:
+            cfg = ModelConfig.from_hf(args.config)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        return fail("info", e)
     counts = param_count(cfg)
     print(f"layers: {cfg.num_layers} ({cfg.layer_types.count('sliding')} sliding, "
           f"{cfg.layer_types.count('full')} full), MTP heads: {cfg.num_mtp_layers}")

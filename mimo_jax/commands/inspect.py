@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from mimo_jax.commands.common import fail
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +20,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         print(inspect(args.path))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"mimo-jax inspect: error: {e}", file=sys.stderr)
-        return 1
+        return fail("inspect", e, code=1)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mimo_jax.commands.common import dtype_arg, fail
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="per-device memory of training/serving on a mesh")
@@ -16,31 +18,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="fsdp_tensor_expert",
                    help="sharding preset: fsdp | fsdp_expert | fsdp_tensor_expert")
     p.add_argument("--remat", default="full", choices=["full", "none"])
-    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="stored (master) weights; compute is bfloat16")
+    p.add_argument("--param-dtype", type=dtype_arg, default="float32", metavar="DTYPE",
+                   help="stored (master) weights: f32 | bf16 | f16, any spelling (default f32); "
+                        "compute is bfloat16")
+    p.add_argument("--serve-weights", choices=["fp8", "bf16"], default=None,
+                   help="also plan serving: weights kept as FP8 (load(..., keep_fp8=True)) or "
+                        "bf16, plus the bf16 KV cache of --batch sequences of --seq tokens")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from mimo_jax import ModelConfig
-    from mimo_jax.parallel.plan import format_plan, plan_memory
+    from mimo_jax.core.dtypes import jnp_dtype
+    from mimo_jax.core.errors import CheckpointError
+    from mimo_jax.parallel.plan import format_plan, format_serving, plan_memory, plan_serving
     from mimo_jax.sharding.mesh import mesh_shape
     from mimo_jax.sharding.rules import ShardingRules
 
-    cfg = {"flash": ModelConfig.flash, "tiny": ModelConfig.tiny}.get(args.config)
-    cfg = cfg() if cfg else ModelConfig.from_hf(args.config)
-    devices = args.devices
-    if devices is None:
-        if "-1" in args.mesh:
-            raise SystemExit("plan: give --devices when the mesh has a -1 axis")
-        devices = 1
-        for part in args.mesh.split(","):
-            devices *= int(part.split("=")[1])
-    shape = mesh_shape(args.mesh, devices)
-    plan = plan_memory(cfg, shape, ShardingRules.preset(args.preset), batch=args.batch,
-                       seq=args.seq, param_bytes=4 if args.param_dtype == "float32" else 2,
-                       remat=args.remat)
+    try:
+        cfg = {"flash": ModelConfig.flash, "tiny": ModelConfig.tiny}.get(args.config)
+        cfg = cfg() if cfg else ModelConfig.from_hf(args.config)
+        devices = args.devices
+        if devices is None:
+            if "-1" in args.mesh:
+                raise ValueError("give --devices when the mesh has a -1 axis")
+            devices = 1
+            for part in args.mesh.split(","):
+                name, eq, size = part.partition("=")
+                if not eq or not size.strip().lstrip("-").isdigit():
+                    raise ValueError(f"--mesh wants AXIS=SIZE,... got {args.mesh!r}")
+                devices *= int(size)
+        shape = mesh_shape(args.mesh, devices)
+        plan = plan_memory(cfg, shape, ShardingRules.preset(args.preset), batch=args.batch,
+                           seq=args.seq, param_bytes=jnp_dtype(args.param_dtype).itemsize,
+                           remat=args.remat)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        return fail("plan", e)
     print(f"config {args.config}, mesh {shape}, preset {args.preset}, batch {args.batch} x "
           f"seq {args.seq}, remat {args.remat}, {args.param_dtype} weights")
     print(format_plan(plan))
+    if args.serve_weights:
+        print(format_serving(plan_serving(cfg, shape, ShardingRules.preset(args.preset),
+                                          batch=args.batch, context=args.seq,
+                                          weights=args.serve_weights)))
     return 0

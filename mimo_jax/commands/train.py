@@ -6,7 +6,10 @@ Running the same command again resumes from the latest checkpoint in DIR.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+
+from mimo_jax.commands.common import fail
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from mimo_jax.core.dtypes import canonical_dtype
     from mimo_jax.core.errors import CheckpointError
     from mimo_jax.data import DataError
     from mimo_jax.train import TrainConfig, train
@@ -42,13 +46,16 @@ def run(args: argparse.Namespace) -> int:
         tc = TrainConfig.preset(args.preset).override(args.overrides)
         if args.steps is not None:
             tc = tc.override({"steps": args.steps})
+        # Any dtype spelling (bf16, f32, ...) -> the canonical name, before any work starts.
+        tc = dataclasses.replace(
+            tc, param_dtype=canonical_dtype(tc.param_dtype, what="param_dtype"),
+            compute_dtype=canonical_dtype(tc.compute_dtype, what="compute_dtype"))
         if args.print_config:
             print(json.dumps(tc.to_dict(), indent=2))
             return 0
         result = train(tc, args.workdir)
     except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"mimo-jax train: error: {e}", file=sys.stderr)
-        return 2
+        return fail("train", e)
     val = (
         ""
         if result.val_loss is None

@@ -4,10 +4,15 @@ A tokenizer is described by a small JSON-able spec (recorded with every checkpoi
 `load_tokenizer(spec)` rebuilds exactly the tokenizer a model was trained with:
 - `{"kind": "byte"}`: ids 0..255 are the UTF-8 bytes, then BOS=256, EOS=257, PAD=258;
 - `{"kind": "hf", "path": ".../tokenizer.json", "bos": "<s>" | null, "eos": "</s>" | null}`.
+
+`token_byte_lengths(tok)` gives the UTF-8 bytes each id stands for (0 for special tokens), so
+scores can be reported per byte, independently of the tokenizer.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from typing import Any, Protocol
 
@@ -93,3 +98,69 @@ def load_tokenizer(spec: dict[str, Any] | None) -> Tokenizer:
             raise ValueError("an HF tokenizer spec needs 'path' (a tokenizer.json or its folder)")
         return HFTokenizer(spec["path"], bos=spec.get("bos"), eos=spec.get("eos"))
     raise ValueError(f"unknown tokenizer kind {kind!r} in {spec}; want 'byte' or 'hf'")
+
+
+@functools.cache
+def _byte_level_decoding() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character -> the byte it encodes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _uses_byte_level(tok_json: dict[str, Any]) -> bool:
+    def has(node: Any) -> bool:
+        if not isinstance(node, dict):
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(has(n) for key in ("pretokenizers", "decoders") for n in node.get(key) or [])
+
+    return has(tok_json.get("pre_tokenizer")) or has(tok_json.get("decoder"))
+
+
+def _piece_bytes(piece: str, byte_level: bool) -> int:
+    if byte_level:
+        table = _byte_level_decoding()
+        if all(c in table for c in piece):
+            return len(piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return 1  # SentencePiece byte fallback
+    return len(piece.replace("\u2581", " ").encode("utf-8"))  # Metaspace marks a space
+
+
+def token_byte_lengths(tokenizer: Tokenizer, size: int | None = None) -> np.ndarray:
+    """int32 [size or vocab_size]: UTF-8 bytes of text each token id stands for.
+
+    Exact for the byte tokenizer and byte-level BPEs (GPT-2 style, e.g. `train_bpe_tokenizer`);
+    for other vocabularies the byte length of the token's surface string (SentencePiece's
+    "\u2581" counted as a space, byte-fallback tokens as one byte). Special and added
+    control tokens (BOS/EOS/PAD, ...) stand for no text: 0. Ids past the tokenizer's
+    vocabulary (a model vocabulary padded up) are 0.
+    """
+    n = tokenizer.vocab_size if size is None else int(size)
+    out = np.zeros((max(n, tokenizer.vocab_size),), np.int32)
+    if isinstance(tokenizer, ByteTokenizer):
+        out[:256] = 1
+    elif isinstance(tokenizer, HFTokenizer):
+        raw = tokenizer._tok
+        byte_level = _uses_byte_level(json.loads(raw.to_str()))
+        specials = {
+            int(i) for i, t in raw.get_added_tokens_decoder().items() if t.special
+        }
+        for piece, i in raw.get_vocab(with_added_tokens=True).items():
+            if i not in specials:
+                out[i] = _piece_bytes(piece, byte_level)
+    else:  # any other object with encode/decode: decode ids one at a time
+        skip = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id}
+        for i in range(tokenizer.vocab_size):
+            if i not in skip:
+                out[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    return out[:n]

@@ -3,22 +3,30 @@ per-row positions, attending to the cache plus the chunk itself.
 
 Built from the model's own modules (`Attention.project_qkv` / `output`, norms, `mlp`); the
 scanned blocks run under `jax.lax.scan` with their stacked caches as xs and their new keys and
-values as ys, as `MiMo.backbone` does. The attention is a masked softmax over explicit key
-positions, because ring-buffer slots are not in position order (so the kernel's "keys at
-0..S-1" contract does not fit); it is exact, with the sinks in the denominator as in training.
+values as ys, as `MiMo.backbone` does. Attention goes through the kernels' dispatch point
+`pallas_kernels.cached_attention` (explicit key positions, since ring-buffer slots are not in
+position order; sinks in the denominator as in training). Under an active mesh
+(`mimo_jax.sharding.activate`) it runs per shard: batch rows over the batch axes, KV heads
+(with their query heads) over the head axes, exactly where the projections put them.
 Nothing is written here: callers commit the rows they keep (see kv_cache.py).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
 from mimo_jax.inference.kv_cache import KVCache, LayerKV, full_slots, key_positions
+from mimo_jax.inference.placement import usable_axes
 from mimo_jax.model.config import AttentionSpec
 from mimo_jax.model.mimo import DecoderLayer, MiMo, MTPHead, scan_plan
 from mimo_jax.model.moe import MoE
+from mimo_jax.sharding.rules import active, constrain
 
 
 def cached_attention(
@@ -32,51 +40,39 @@ def cached_attention(
     start_b: jax.Array,
     spec: AttentionSpec,
     sinks_n: jax.Array | None,
-    qpos_bt: jax.Array | None = None,
+    q_offset_b: jax.Array | None = None,
 ) -> jax.Array:
-    """Queries (at `qpos_bt`, default `pos_bt`) over cached keys (positions `kpos_bs`, used
-    only below `start_b`) and the chunk's own keys at `pos_bt` (causal, valid rows only);
-    the window counts keys including the query."""
-    b, t, hq, dqk = q_btnh.shape
-    hkv = k_new_btkh.shape[2]
-    g = hq // hkv
-    scale = dqk**-0.5
-    q_btkgd = q_btnh.reshape(b, t, hkv, g, dqk)
-    qp = (pos_bt if qpos_bt is None else qpos_bt)[:, :, None]
+    """Queries (at q_offset_b + 0..T-1, default pos_bt[:, 0] + ...) over the cached keys
+    (positions `kpos_bs`, used only below `start_b`: later slots are stale or provisional)
+    and the chunk's own keys at `pos_bt` (valid rows only)."""
+    cache_pos = jnp.where(kpos_bs < start_b[:, None], kpos_bs, -1)
+    new_pos = jnp.where(valid_bt, pos_bt, -1)
+    q_offset = pos_bt[:, 0] if q_offset_b is None else q_offset_b
+    # A global cache holds position p in slot p: nothing at or past start is read.
+    length = start_b if spec.window is None else jnp.full_like(start_b, kv.k.shape[2])
+    sinks = None if sinks_n is None else sinks_n.astype(jnp.float32)
+    fn = functools.partial(pallas_kernels.cached_attention, window=spec.window)
+    args = (q_btnh, kv.k, kv.v, cache_pos, k_new_btkh, v_new_btkh, new_pos, q_offset, length)
+    ctx = active()
+    if ctx is not None:
+        mesh, rules = ctx
+        b, hkv = q_btnh.shape[0], kv.k.shape[1]
+        bax = usable_axes(mesh, rules.mesh_axes("batch"), b)
+        hax = usable_axes(mesh, rules.mesh_axes("kv_heads"), hkv, taken=bax)
+        if bax or hax:
+            bs, hs = bax or None, hax or None
+            specs = (P(bs, None, hs, None), P(bs, hs, None, None), P(bs, hs, None, None),
+                     P(bs, None), P(bs, None, hs, None), P(bs, None, hs, None), P(bs, None),
+                     P(bs), P(bs))
 
-    def mask(kp_bs, ok_bs):
-        m = ok_bs[:, None, :] & (kp_bs[:, None, :] <= qp)
-        if spec.window is not None:
-            m &= kp_bs[:, None, :] > qp - spec.window
-        return m  # [B, T, S]
+            def local(q, kc, vc, cp, kn, vn, npos, qo, ln, sk):
+                return fn(q, kc, vc, cp, kn, vn, npos, q_offset=qo, cache_length=ln, sinks=sk)
 
-    m_cache = mask(kpos_bs, (kpos_bs >= 0) & (kpos_bs < start_b[:, None]))
-    m_new = mask(pos_bt, valid_bt)
-    s_cache = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, kv.k.astype(q_btnh.dtype),
-                         preferred_element_type=jnp.float32) * scale
-    s_new = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_new_btkh,
-                       preferred_element_type=jnp.float32) * scale
-    scores = jnp.concatenate([
-        jnp.where(m_cache[:, None, None], s_cache, -jnp.inf),
-        jnp.where(m_new[:, None, None], s_new, -jnp.inf),
-    ], axis=-1)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    if sinks_n is not None:
-        sink = sinks_n.astype(jnp.float32).reshape(1, hkv, g, 1, 1)
-        row_max = jnp.maximum(row_max, sink)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(scores - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    if sinks_n is not None:
-        denom = denom + jnp.exp(sink - row_max)
-    p = p / jnp.where(denom == 0.0, 1.0, denom)
-    s = kv.k.shape[1]
-    vdt = v_new_btkh.dtype
-    o = jnp.einsum("bkgts,bskd->btkgd", p[..., :s].astype(vdt), kv.v.astype(vdt),
-                   preferred_element_type=jnp.float32)
-    o = o + jnp.einsum("bkgts,bskd->btkgd", p[..., s:].astype(vdt), v_new_btkh,
-                       preferred_element_type=jnp.float32)
-    return o.reshape(b, t, hq, -1).astype(q_btnh.dtype)
+            return jax.shard_map(
+                local, mesh=mesh, in_specs=(*specs, None if sinks is None else P(hs)),
+                out_specs=P(bs, None, hs, None), check_vma=False,
+            )(*args, sinks)
+    return fn(*args[:7], q_offset=q_offset, cache_length=length, sinks=sinks)
 
 
 def layer_step(
@@ -99,7 +95,7 @@ def layer_step(
         y_btd, _ = layer.mlp(x_btd, valid_bt)
     else:
         y_btd = layer.mlp(x_btd)
-    return h_btd + y_btd, LayerKV(k, v)
+    return constrain(h_btd + y_btd, ("batch", "seq", "act_embed")), LayerKV(k, v)
 
 
 def main_forward(
@@ -174,7 +170,7 @@ def mtp_forward(
     q, k, v = attn.project_qkv(layer.input_norm(z), pos_bt)
     sinks = None if attn.sinks is None else attn.sinks[...]
     o = cached_attention(q[:, -1:], k, v, kv, kpos, pos_bt, valid_bt, start_b, attn.spec, sinks,
-                         qpos_bt=pos_bt[:, -1:])
+                         q_offset_b=pos_bt[:, -1])
     z1 = z[:, -1:] + attn.output(o)
     z1 = z1 + layer.mlp(layer.post_attn_norm(z1))
     return head.final_norm(z1), LayerKV(k, v)

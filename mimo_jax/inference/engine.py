@@ -18,7 +18,9 @@ from flax import nnx
 
 from mimo_jax.inference.decode import main_forward, mtp_forward
 from mimo_jax.inference.kv_cache import KVCache, commit_main, commit_mtp
+from mimo_jax.inference.placement import constrain_cache
 from mimo_jax.inference.sampling import SamplingParams, probabilities, sample
+from mimo_jax.sharding.rules import active, constrain
 
 # Incremented while tracing (never while running): tests use it to prove nothing recompiles.
 TRACE_COUNTS: dict[str, int] = {}
@@ -82,15 +84,17 @@ def prefill_chunk(
         tok = jnp.where(nxt < lengths[:, None], tok, 0)
         _, new = mtp_forward(model, k, cache, feed, tok, pos, valid, start)
         cache = commit_mtp(cfg, cache, k, new, pos, valid)
-    cache = commit_main(cfg, cache, pnew, bnew, pos, valid)
+    cache = constrain_cache(commit_main(cfg, cache, pnew, bnew, pos, valid), active())
     if n_heads:
         hid = write_hidden(hid, feed, pos, valid)
     # Logits of each row's last prompt position, if it falls in this chunk.
     idx = jnp.clip(lengths - 1 - chunk_start, 0, chunk - 1)
-    hn_last = jnp.take_along_axis(hn, idx[:, None, None], axis=1)[:, 0]
+    hn_last = jnp.take_along_axis(hn, idx[:, None, None], axis=1)  # [B, 1, D]
     here = (lengths - 1 >= chunk_start) & (lengths - 1 < chunk_start + chunk)
-    logits = model.lm_logits(hn_last).astype(jnp.float32)
-    return cache, hid, jnp.where(here[:, None], logits, last_logits)
+    logits = model.lm_logits(hn_last)[:, 0].astype(jnp.float32)
+    last_logits = jnp.where(here[:, None], logits, last_logits)
+    # Outputs keep the inputs' shardings, so the next chunk and the loop reuse one executable.
+    return cache, constrain(hid, ("batch", None, None)), constrain(last_logits, ("batch", None))
 
 
 def _finished(tok_b, stop_ids, gen_b, n_b, max_new, seq):
@@ -118,7 +122,7 @@ def plain_step(model, cache: KVCache, st: DecodeState, params: SamplingParams, l
     pos = st.n[:, None]
     h, hn, pnew, bnew = main_forward(model, cache, ids, pos, active[:, None], st.n)
     cache = commit_main(model.cfg, cache, pnew, bnew, pos, active[:, None])
-    probs = probabilities(model.lm_logits(hn[:, 0]), params)
+    probs = probabilities(model.lm_logits(hn)[:, 0], params)
     tok = sample(jax.random.fold_in(limits.key, st.step), probs)
     n = st.n + active
     tokens = st.tokens.at[jnp.arange(b), jnp.where(active, n, seq)].set(tok, mode="drop")
@@ -135,7 +139,8 @@ def run_loop(step_fn, static, state, cache, tokens, lengths, hid, last_logits, p
 
     def body(carry):
         cache, st = carry
-        return step_fn(nnx.merge(graphdef, state), cache, st, params, limits, *static[1:])
+        cache, st = step_fn(nnx.merge(graphdef, state), cache, st, params, limits, *static[1:])
+        return constrain_cache(cache, active()), st
 
     def cond(carry):
         return jnp.any(~carry[1].done)

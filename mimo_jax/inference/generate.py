@@ -6,6 +6,10 @@ nothing recompiles per token; sampling settings, seeds, stop tokens and max_new_
 runtime values. `max_len` defaults to the next power of two >= prompt + new tokens, so calls
 of similar size share their executables. Executables are compiled ahead of time and kept, so
 `tokens_per_second` excludes compilation (reported as `compile_seconds`).
+
+A sharded model (`mimo_jax.load(path, mesh=mesh)`, `create_sharded`) generates on its mesh:
+batch rows over the batch axes, heads over `tensor`, experts over `expert` (the model's
+expert-parallel path), KV caches created directly in their shards (see placement.py).
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from mimo_jax.inference.engine import TRACE_COUNTS, Limits, plain_loop, prefill_chunk
-from mimo_jax.inference.kv_cache import init_cache
+from mimo_jax.inference.kv_cache import KVCache, init_cache
+from mimo_jax.inference.placement import batch_sharding, cache_shardings, serving_mesh
 from mimo_jax.inference.sampling import sampling_params
 from mimo_jax.inference.speculative import speculative_loop
+from mimo_jax.model.config import ModelConfig
 from mimo_jax.model.mimo import MiMo
+from mimo_jax.sharding.rules import ShardingRules, activate
 
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 32
@@ -42,16 +50,27 @@ class GenerateOutput:
     decode_seconds: float
     compile_seconds: float  # 0.0 when every executable was already compiled
     prompt_lengths: list[int] = dataclasses.field(default_factory=list)
+    # Per row: tokens per verify forward (rows accept different numbers of drafts and advance
+    # by different amounts); None without speculation.
+    row_acceptance_lengths: list[float] | None = None
 
 
-def _compiled(name: str, fn, static: tuple, args: tuple, donate: tuple[int, ...] = ()):
+def _compiled(name: str, fn, static: tuple, args: tuple, donate: tuple[int, ...] = (),
+              ctx: tuple[Mesh, ShardingRules] | None = None):
+    """The executable for these shapes (and mesh), traced under the mesh when there is one
+    (activation constraints, expert parallelism, per-shard attention)."""
     leaves, tree = jax.tree.flatten(args)
-    key = (name, static, tree, tuple((x.shape, str(x.dtype)) for x in leaves))
+    key = (name, static, tree, tuple((x.shape, str(x.dtype)) for x in leaves), ctx)
     exe = _EXECUTABLES.get(key)
     seconds = 0.0
     if exe is None:
         t0 = time.perf_counter()
-        exe = jax.jit(lambda *a: fn(static, *a), donate_argnums=donate).lower(*args).compile()
+        jitted = jax.jit(lambda *a: fn(static, *a), donate_argnums=donate)
+        if ctx is None:
+            exe = jitted.lower(*args).compile()
+        else:
+            with activate(*ctx):
+                exe = jitted.lower(*args).compile()
         seconds = time.perf_counter() - t0
         _EXECUTABLES[key] = exe
         while len(_EXECUTABLES) > _MAX_EXECUTABLES:
@@ -93,6 +112,15 @@ def _next_pow2(x: int, lo: int) -> int:
     return max(lo, 1 << (max(x, 1) - 1).bit_length())
 
 
+def new_cache(cfg: ModelConfig, batch: int, max_len: int, mtp_heads: int,
+              ctx: tuple[Mesh, ShardingRules] | None) -> KVCache:
+    """An empty cache, created directly in its shards on a mesh (never whole on a device)."""
+    make = lambda: init_cache(cfg, batch, max_len, mtp_heads=mtp_heads)  # noqa: E731
+    if ctx is None:
+        return make()
+    return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), *ctx))()
+
+
 def generate(
     model: MiMo,
     prompts: Any,
@@ -107,6 +135,8 @@ def generate(
     tokenizer: Any = None,
     max_len: int | None = None,
     prefill_chunk_size: int = 256,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
 ) -> GenerateOutput:
     """Generate continuations of a batch of prompts.
 
@@ -117,6 +147,9 @@ def generate(
       stop_tokens: ids that end a row (default: the tokenizer's EOS, else the config's).
       speculative: K > 0 drafts K tokens per step with the first K MTP heads.
       max_len: cache length (prompt + new tokens); default: the next power of two that fits.
+      mesh, rules: generate over this mesh; default: the mesh the model's parameters live on
+        (found from their shardings, with the preset rules that placed them) or the one of an
+        enclosing `mimo_jax.sharding.activate` block; one device for an unsharded model.
     """
     cfg = model.cfg
     if max_new_tokens < 1:
@@ -133,6 +166,7 @@ def generate(
     if k_draft and (window is None or k_draft + 1 > window):
         raise ValueError(f"speculative={k_draft} needs a sliding window of >= {k_draft + 1} keys")
     params = sampling_params(temperature, top_k, top_p)
+    ctx = serving_mesh(model, mesh, rules)
     ids = _encode(prompts, tokenizer, cfg.vocab_size)
     lengths = [len(p) for p in ids]
     longest = max(lengths)
@@ -157,11 +191,16 @@ def generate(
         tokens[i, : len(p)] = p
     chunk = min(prefill_chunk_size, _next_pow2(longest, 16), max_len)
     graphdef, state = nnx.split(model)
-    cache = init_cache(cfg, b, max_len, mtp_heads=k_draft)
+    cache = new_cache(cfg, b, max_len, k_draft, ctx)
     r = k_draft + 1
-    hid = jnp.zeros((b, r, cfg.hidden_size), jnp.dtype(cfg.dtype))
-    tokens_j, lengths_j = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
-    last_logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+
+    def rows(x):  # batch-leading arrays: rows over the mesh's batch axes
+        x = jnp.asarray(x)
+        return x if ctx is None else jax.device_put(x, batch_sharding(*ctx, x.shape))
+
+    hid = rows(jnp.zeros((b, r, cfg.hidden_size), jnp.dtype(cfg.dtype)))
+    tokens_j, lengths_j = rows(tokens), rows(np.asarray(lengths, np.int32))
+    last_logits = rows(jnp.zeros((b, cfg.vocab_size), jnp.float32))
     limits = Limits(jnp.asarray(stops), jnp.int32(max_new_tokens), jax.random.key(seed))
 
     compile_s = 0.0
@@ -169,14 +208,15 @@ def generate(
     pre_static = (graphdef, chunk, k_draft)
     exe, s = _compiled("prefill", prefill_chunk, pre_static,
                        (state, cache, hid, tokens_j, lengths_j, jnp.int32(0), last_logits),
-                       donate=(1, 2))
+                       donate=(1, 2), ctx=ctx)
     compile_s += s
     if k_draft:
         loop_fn, loop_static = speculative_loop, (graphdef, k_draft)
     else:
         loop_fn, loop_static = plain_loop, (graphdef,)
     loop_args = (state, cache, tokens_j, lengths_j, hid, last_logits, params, limits)
-    loop_exe, s = _compiled(loop_fn.__name__, loop_fn, loop_static, loop_args, donate=(1,))
+    loop_exe, s = _compiled(loop_fn.__name__, loop_fn, loop_static, loop_args, donate=(1,),
+                            ctx=ctx)
     compile_s += s
 
     t0 = time.perf_counter()
@@ -196,10 +236,12 @@ def generate(
     if tokenizer is not None:
         stop_set = set(int(t) for t in stop_tokens)
         text = [tokenizer.decode([t for t in x if t not in stop_set]) for x in new]
-    acceptance = None
+    acceptance = row_acceptance = None
     if k_draft:
-        rounds = int(np.asarray(st.rounds).sum())
-        acceptance = float(np.asarray(st.produced).sum()) / max(rounds, 1)
+        rounds_b, produced_b = np.asarray(st.rounds), np.asarray(st.produced)
+        acceptance = float(produced_b.sum()) / max(int(rounds_b.sum()), 1)
+        row_acceptance = [float(p) / max(int(r), 1) for p, r in zip(produced_b, rounds_b,
+                                                                      strict=True)]
     return GenerateOutput(
         tokens=new,
         text=text,
@@ -210,6 +252,7 @@ def generate(
         decode_seconds=t2 - t1,
         compile_seconds=compile_s,
         prompt_lengths=lengths,
+        row_acceptance_lengths=row_acceptance,
     )
 
 

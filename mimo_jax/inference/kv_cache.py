@@ -25,8 +25,8 @@ from mimo_jax.model.mimo import scan_plan
 
 
 class LayerKV(NamedTuple):
-    k: jax.Array  # [(blocks,) B, S, Hkv, Dqk] keys after RoPE
-    v: jax.Array  # [(blocks,) B, S, Hkv, Dv] values after the value scale
+    k: jax.Array  # [(blocks,) B, Hkv, S, Dqk] keys after RoPE (heads-major, as kernels read)
+    v: jax.Array  # [(blocks,) B, Hkv, S, Dv] values after the value scale
 
 
 class KVCache(NamedTuple):
@@ -46,7 +46,7 @@ def _layer_shape(cfg: ModelConfig, kind: str, batch: int, max_len: int):
     spec = cfg.attention_spec(kind)
     s = _slots(spec, max_len)
     kvh = spec.num_kv_heads
-    return (batch, s, kvh, spec.head_dim), (batch, s, kvh, spec.v_head_dim)
+    return (batch, kvh, s, spec.head_dim), (batch, kvh, s, spec.v_head_dim)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, *, mtp_heads: int = 0) -> KVCache:
@@ -94,9 +94,10 @@ def slot_keep(spec: AttentionSpec, pos_bt: jax.Array, keep_bt: jax.Array, n_slot
     return jnp.where(keep_bt, pos_bt % n_slots, n_slots)
 
 
-def _write(buf_bshd: jax.Array, new_bthd: jax.Array, slots_bt: jax.Array) -> jax.Array:
-    b_bt = jnp.broadcast_to(jnp.arange(buf_bshd.shape[0])[:, None], slots_bt.shape)
-    return buf_bshd.at[b_bt, slots_bt].set(new_bthd.astype(buf_bshd.dtype), mode="drop")
+def _write(buf_bksd: jax.Array, new_btkd: jax.Array, slots_bt: jax.Array) -> jax.Array:
+    b_bt = jnp.broadcast_to(jnp.arange(buf_bksd.shape[0])[:, None], slots_bt.shape)
+    # Advanced indices around a slice: the indexed view is [B, T, Hkv, D], like new_btkd.
+    return buf_bksd.at[b_bt, :, slots_bt].set(new_btkd.astype(buf_bksd.dtype), mode="drop")
 
 
 def write_layer(kv: LayerKV, new: LayerKV, slots_bt: jax.Array) -> LayerKV:
@@ -153,10 +154,10 @@ def full_slots(cache: KVCache, cfg: ModelConfig) -> int:
     plan = scan_plan(cfg)
     for i in range(plan.num_prefix):
         if cfg.layer_types[i] == "full":
-            return cache.prefix[i].k.shape[1]
+            return cache.prefix[i].k.shape[2]
     for j in range(plan.period):
         if cfg.layer_types[plan.num_prefix + j] == "full":
-            return cache.blocks[j].k.shape[2]
+            return cache.blocks[j].k.shape[3]
     return 0
 
 

@@ -53,7 +53,7 @@ def draft(model, cache: KVCache, st: DecodeState, params: SamplingParams, keys, 
         out, new = mtp_forward(model, k, cache, h_bjd, tok_bj, t_bj, valid_bj, t_bj[:, 0],
                                last_only=True)
         cache = commit_mtp(cfg, cache, k, new, t_bj, valid_bj)
-        q_bv = probabilities(model.lm_logits(out[:, -1]), params)
+        q_bv = probabilities(model.lm_logits(out[:, -1:])[:, 0], params)
         drafts.append(sample(keys[k], q_bv))
         qs.append(q_bv)
     return jnp.stack(drafts, 1), jnp.stack(qs, 1), cache

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 import pallas_kernels
 from mimo_jax.model.config import AttentionSpec
 from mimo_jax.model.layers import apply_partial_rope, param
+from mimo_jax.sharding.rules import active
+
+
+def _dividing_axes(mesh, axes, *sizes) -> tuple[str, ...]:
+    """The leading mesh axes (of size > 1) whose product divides every one of ``sizes``."""
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    while axes and any(s % math.prod(mesh.shape[a] for a in axes) for s in sizes):
+        axes = axes[:-1]
+    return axes
+
+
+def sharded_attention(q_btnh, k_btkh, v_btkh, *, sinks, window, segment_ids):
+    """`pallas_kernels.attention`, run per shard when a mesh is active.
+
+    Attention is independent per sequence and per KV-head group, so each device attends its
+    own rows and heads (``shard_map``); Pallas kernels cannot be partitioned by XLA.
+    """
+    ctx = active()
+    call = lambda q, k, v, s, seg: pallas_kernels.attention(  # noqa: E731
+        q, k, v, sinks=s, window=window, segment_ids=seg)
+    if ctx is None:
+        return call(q_btnh, k_btkh, v_btkh, sinks, segment_ids)
+    mesh, rules = ctx
+    batch = _dividing_axes(mesh, rules.mesh_axes("batch"), q_btnh.shape[0]) or None
+    heads = _dividing_axes(mesh, rules.mesh_axes("q_heads"), q_btnh.shape[2],
+                           k_btkh.shape[2]) or None
+    qkv = PartitionSpec(batch, None, heads, None)
+    in_specs = (qkv, qkv, qkv, None if sinks is None else PartitionSpec(heads),
+                None if segment_ids is None else PartitionSpec(batch, None))
+    return jax.shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=qkv, check_vma=False)(
+        q_btnh, k_btkh, v_btkh, sinks, segment_ids)
 
 
 class Attention(nnx.Module):
@@ -59,7 +93,7 @@ class Attention(nnx.Module):
         self, x_btd: jax.Array, positions_bt: jax.Array, segment_ids_bt: jax.Array | None
     ) -> jax.Array:
         q_btnh, k_btkh, v_btkh = self.project_qkv(x_btd, positions_bt)
-        o_btnh = pallas_kernels.attention(
+        o_btnh = sharded_attention(
             q_btnh,
             k_btkh,
             v_btkh,

@@ -10,7 +10,9 @@ from flax import nnx
 
 from mimo_jax.model.config import ModelConfig
 from mimo_jax.model.expert_parallel import moe_experts
+from mimo_jax.model.fp8_linear import FP8Weight, gathered_experts_apply
 from mimo_jax.model.layers import RouterBias, param
+from mimo_jax.sharding.rules import active
 
 
 class RouterOutput(NamedTuple):
@@ -82,11 +84,18 @@ class MoE(nnx.Module):
             weights_tk = weights_tk / (jnp.sum(weights_tk, axis=-1, keepdims=True) + 1e-20)
         weights_tk = weights_tk * cfg.routed_scaling_factor
 
-        y_td, dropped = moe_experts(
-            x_td, ids_tk, weights_tk, self.gate_up[...].astype(x_btd.dtype),
-            self.down[...].astype(x_btd.dtype), num_experts=cfg.num_experts,
-            capacity_factor=cfg.moe_capacity_factor,
-        )
+        # FP8 experts while decoding a few tokens: dequantise only the experts used.
+        y_td = None
+        if isinstance(self.gate_up, FP8Weight) and active() is None:
+            y_td = gathered_experts_apply(self.gate_up, self.down, x_td, ids_tk, weights_tk)
+        if y_td is None:
+            y_td, dropped = moe_experts(
+                x_td, ids_tk, weights_tk, self.gate_up[...].astype(x_btd.dtype),
+                self.down[...].astype(x_btd.dtype), num_experts=cfg.num_experts,
+                capacity_factor=cfg.moe_capacity_factor,
+            )
+        else:
+            dropped = jnp.zeros((), jnp.int32)
 
         valid_bt = jnp.ones((b, t), bool) if valid_bt is None else valid_bt
         onehot_btke = jax.nn.one_hot(ids_tk.reshape(b, t, -1), cfg.num_experts, dtype=jnp.float32)

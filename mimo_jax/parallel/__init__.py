@@ -2,6 +2,14 @@
 
 from mimo_jax.parallel.distributed import maybe_initialize
 from mimo_jax.parallel.placement import create_sharded
-from mimo_jax.parallel.plan import MemoryPlan, format_plan, plan_memory
+from mimo_jax.parallel.plan import (
+    MemoryPlan,
+    ServingPlan,
+    format_plan,
+    format_serving,
+    plan_memory,
+    plan_serving,
+)
 
-__all__ = ["MemoryPlan", "create_sharded", "format_plan", "maybe_initialize", "plan_memory"]
+__all__ = ["MemoryPlan", "ServingPlan", "create_sharded", "format_plan", "format_serving",
+           "maybe_initialize", "plan_memory", "plan_serving"]

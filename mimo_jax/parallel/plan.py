@@ -14,7 +14,9 @@ import numpy as np
 from flax import nnx
 
 from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.fp8_linear import scale_shape, stored_layout
 from mimo_jax.model.layers import RouterBias
+from mimo_jax.model.mimo import scan_plan
 from mimo_jax.model.shapes import abstract_model
 from mimo_jax.sharding.rules import ShardingRules, axes_of
 
@@ -126,6 +128,125 @@ def plan_memory(
         kv_cache=kv,
         replicated_fraction=replicated / total,
     )
+
+
+# The release's FP8 tensors (checkpoint.md §2): q/k/v, dense MLPs and experts, MTP heads too.
+FP8_PARAMS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "gate_up",
+              "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingPlan:
+    """Bytes per device of serving (generation) with the weights in `weights` format."""
+
+    devices: int
+    weights: str  # "fp8" (kept as in the release) or "bf16"
+    batch: int
+    context: int
+    params: int  # weights (FP8 payloads + scales, the rest bf16; routers float32)
+    kv_cache: int  # main layers (global: full context, sliding: window) + MTP heads, bf16
+    transient: int  # the largest dequantised weight one layer needs if XLA does not fuse it
+    params_total_bytes: int  # all weights once, unsharded
+
+    @property
+    def total(self) -> int:
+        return self.params + self.kv_cache + self.transient
+
+    def fits(self, chip: str, *, headroom: float = 0.9) -> bool:
+        return self.total <= headroom * CHIPS_GIB[chip] * GIB
+
+
+def _spec_ways(rules: ShardingRules, axes: tuple, mesh_shape: dict[str, int]) -> int:
+    return _ways(tuple(rules.spec(axes)), mesh_shape)
+
+
+def plan_serving(
+    cfg: ModelConfig,
+    mesh_shape: dict[str, int],
+    rules: ShardingRules,
+    *,
+    batch: int,
+    context: int,
+    weights: str = "fp8",
+    kv_bytes: int = 2,
+    mtp_heads: int | None = None,
+) -> ServingPlan:
+    """Per-device memory of generating `batch` sequences of up to `context` tokens.
+
+    Weights: with "fp8", the release's quantised parameters (`FP8_PARAMS`) take 1 byte per
+    weight plus their float32 128x128 block scales (64-row blocks for the global layers'
+    K/V), laid out as `mimo_jax.model.fp8_linear` keeps them (scales replicated except over
+    experts); everything else bf16, routers float32. KV cache: `kv_bytes` per element, rows
+    over the batch axes and KV heads over the head axes where they divide (as
+    `mimo_jax.inference` shards it); `mtp_heads` (default all) heads' sliding caches.
+    Transient: with FP8, the largest single dequantised parameter a layer may materialise
+    (experts of one layer) in case XLA does not fuse the dequantisation into its matmul.
+    """
+    if weights not in ("fp8", "bf16"):
+        raise ValueError(f"weights must be 'fp8' or 'bf16', got {weights!r}")
+    state = nnx.state(abstract_model(cfg))
+    devices = math.prod(mesh_shape.values())
+    per_device = total = transient = 0
+    for path, var in nnx.to_flat_state(state):
+        axes = axes_of(var)
+        n = int(np.prod(var.shape))
+        ways = _spec_ways(rules, axes, mesh_shape)
+        if isinstance(var, RouterBias) or path[-1] == "router":
+            per_device += n * 4 // ways
+            total += n * 4
+            continue
+        if weights == "bf16" or path[-1] not in FP8_PARAMS:
+            per_device += n * 2 // ways
+            total += n * 2
+            continue
+        stacked = axes[0] == "layers"
+        inner_shape, inner_axes = var.shape[int(stacked):], axes[int(stacked):]
+        full_kv = path[-1] in ("k_proj", "v_proj") and _is_full(cfg, path)
+        p_shape, p_axes, blocks = stored_layout(inner_shape, inner_axes, 64 if full_kv else 128)
+        s_elems = int(np.prod(scale_shape(p_shape, blocks)))
+        s_axes = tuple(a if b == 1 else None for a, b in zip(p_axes, blocks, strict=True))
+        s_ways = _spec_ways(rules, s_axes, mesh_shape)
+        lead = var.shape[0] if stacked else 1
+        per_device += n // ways + lead * s_elems * 4 // s_ways
+        total += n + lead * s_elems * 4
+        transient = max(transient, (n // lead) * 2 // ways)
+
+    batch_ways = _usable_ways(rules.mesh_axes("batch"), mesh_shape, batch)
+    heads = list(cfg.layer_types) + ["sliding"] * (
+        cfg.num_mtp_layers if mtp_heads is None else mtp_heads)
+    kv = 0
+    for layer_type in heads:
+        s = cfg.attention_spec(layer_type)
+        length = context if s.window is None else min(context, s.window)
+        kv_split = _usable_ways(rules.mesh_axes("kv_heads"), mesh_shape, s.num_kv_heads)
+        kv += (batch // batch_ways) * length * (s.num_kv_heads // kv_split) * (
+            s.head_dim + s.v_head_dim) * kv_bytes
+    return ServingPlan(devices=devices, weights=weights, batch=batch, context=context,
+                       params=per_device, kv_cache=kv, transient=transient,
+                       params_total_bytes=total)
+
+
+def _is_full(cfg: ModelConfig, path: tuple) -> bool:
+    """Whether a parameter path belongs to a global-attention layer."""
+    if path[0] == "prefix_layers":
+        return cfg.layer_types[path[1]] == "full"
+    if path[0] == "blocks":
+        plan = scan_plan(cfg)
+        return cfg.layer_types[plan.num_prefix + path[2]] == "full"
+    return False  # MTP heads are sliding-window layers
+
+
+def format_serving(plan: ServingPlan) -> str:
+    rows = [(f"weights ({plan.weights})", plan.params), ("KV cache", plan.kv_cache),
+            ("dequantised layer (transient)", plan.transient), ("serving total", plan.total)]
+    out = [f"serving {plan.batch} x {plan.context} tokens, {plan.weights} weights on "
+           f"{plan.devices} devices; all weights once: {plan.params_total_bytes / GIB:,.1f} GiB",
+           f"{'per device':<32}{'GiB':>10}"]
+    out += [f"{name:<32}{value / GIB:>10.2f}" for name, value in rows]
+    fits = ", ".join(f"{chip} ({gib} GiB): {'yes' if plan.fits(chip) else 'no'}"
+                     for chip, gib in CHIPS_GIB.items())
+    out.append(f"fits (90% of HBM): {fits}")
+    return "\n".join(out)
 
 
 def _usable_ways(axes: tuple[str, ...], mesh_shape: dict[str, int], size: int) -> int:

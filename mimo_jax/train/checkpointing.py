@@ -41,10 +41,23 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**d)
 
 
+def checkpoint_directory(workdir: str) -> str:
+    """WORKDIR/checkpoints, or the location named in WORKDIR/checkpoints.url (e.g. a gs://
+    bucket every host of a TPU slice shares, while metrics stay on local disk)."""
+    pointer = os.path.join(workdir, "checkpoints.url")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            url = f.read().strip()
+        if url:
+            return url
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+        self.directory = checkpoint_directory(workdir)
+        local = "://" not in self.directory
+        if local and os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"{self.directory} exists and is not a directory")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True

@@ -189,6 +189,7 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
         tensorboard=tc.tensorboard,
         progress_bar=tc.progress_bar,
         console_every=tc.console_every,
+        config={"train": tc.to_dict(), "model": model_config_dict(cfg)},
     )
     say = log or logger.write
     say(

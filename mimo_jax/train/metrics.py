@@ -1,7 +1,8 @@
 """Training metrics: FLOPs per token and an MFU estimate, JSONL + TensorBoard + console output.
 
 `WORKDIR/metrics.jsonl` gets one JSON object per logged step (at least `step` and `loss`);
-validation records carry `"split": "val"`. TensorBoard event files go to `WORKDIR/tensorboard`.
+validation records carry `"split": "val"`. TensorBoard event files (tensorboardX) go to
+`WORKDIR/tensorboard`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mimo_jax.core import logs
 from mimo_jax.model.config import AttentionSpec, ModelConfig
 
 
@@ -106,7 +108,14 @@ def peak_flops_per_device() -> tuple[float, str]:
 
 
 class MetricsLogger:
-    """Writes metrics to JSONL, TensorBoard (scalars) and the console (tqdm bar + summaries)."""
+    """Writes metrics to JSONL, TensorBoard (tensorboardX) and the console.
+
+    Console: a tqdm bar when stderr is a terminal, a summary line every `console_every`
+    steps, and where no bar shows (a log file) also one every `every_s` seconds in between.
+    TensorBoard: scalars under `train/` and `val/`, and at the start the run's config as
+    hparams and as text; a resumed run hides the events a killed run logged after its
+    checkpoint (`purge_step`).
+    """
 
     def __init__(
         self,
@@ -117,19 +126,18 @@ class MetricsLogger:
         tensorboard: bool,
         progress_bar: bool,
         console_every: int,
+        config: dict[str, Any] | None = None,
+        every_s: float = logs.PLAIN_EVERY_S,
     ):
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._tb = None
         if tensorboard:
-            from mimo_jax.train.tensorboard import EventWriter
-
-            self._tb = EventWriter(os.path.join(workdir, "tensorboard"))
-        self._bar = None
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"), start_step,
+                                           config)
+        self._progress = logs.Progress(total_steps, initial=start_step, desc="train",
+                                       unit="step", enabled=progress_bar, plain=False)
+        self._ticker = logs.Ticker(every_s)
         self.console_every = console_every
 
     def log(self, record: dict[str, Any]) -> None:
@@ -139,45 +147,79 @@ class MetricsLogger:
         step = int(clean["step"])
         prefix = "val/" if clean.get("split") == "val" else "train/"
         if self._tb is not None:
-            scalars = {}
-            for k, v in clean.items():
-                if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
-                    scalars[prefix + k] = v
-                elif isinstance(v, list) and v and all(isinstance(x, int | float) for x in v):
-                    scalars.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v)})
-            self._tb.scalars(step, scalars)
-            self._tb.flush()
+            for tag, value in _scalars(clean, prefix).items():
+                self._tb.add_scalar(tag, value, step)
         if clean.get("split") == "val":
             self.write(
                 f"step {step}: val loss {clean['loss']:.4f}, perplexity {clean['perplexity']:.2f}"
             )
-        elif step % self.console_every == 0:
+        elif step % self.console_every == 0 or (not self._progress.live and self._ticker.due()):
             mtp = ", ".join(f"{x:.3f}" for x in clean.get("mtp_ce", []))
             self.write(
                 f"step {step}: loss {clean['loss']:.4f} ce {clean['ce']:.4f} mtp [{mtp}] "
                 f"gnorm {clean['grad_norm']:.3f} lr {clean['lr']:.2e} "
                 f"{clean.get('tokens_per_s', 0):.0f} tok/s mfu {100 * clean.get('mfu', 0):.1f}%"
             )
+            self._ticker.reset()
 
     def advance(self, step: int, loss: float | None = None) -> None:
-        if self._bar is not None:
-            self._bar.n = step
-            if loss is not None:
-                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self._bar.refresh()
+        self._progress.set(step, None if loss is None else f"loss={loss:.4f}")
 
     def write(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line)
-        else:
-            print(line, flush=True)
+        """A console line (through the `mimo_jax` logger: above the bar, silent when quiet)."""
+        logs.info(line)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        self._progress.close()
         if self._tb is not None:
             self._tb.close()
         self._jsonl.close()
+
+
+def _scalars(record: dict[str, Any], prefix: str) -> dict[str, float]:
+    """TensorBoard scalars of a record: numbers, and numeric lists as `name/i`."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and k != "step":
+            out[prefix + k] = v
+        elif isinstance(v, list) and v and all(isinstance(x, int | float) for x in v):
+            out.update({f"{prefix}{k}/{i}": x for i, x in enumerate(v)})
+    return out
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """Nested config -> {"a.b": value} with the scalar types TensorBoard's hparams accept."""
+    out: dict[str, bool | int | float | str] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_hparams(v, key + "."))
+        elif isinstance(v, bool | int | float | str):
+            out[key] = v
+        else:  # None, lists, tuples
+            out[key] = json.dumps(v)
+    return out
+
+
+def _tensorboard_writer(logdir: str, start_step: int, config: dict[str, Any] | None):
+    # Imported here: tensorboardX is needed only by runs that write TensorBoard files.
+    from tensorboardX import SummaryWriter
+    from tensorboardX.summary import hparams
+
+    # File names carry only the second and host; the suffix keeps two writers of one second
+    # (a quick restart) apart and in order.
+    suffix = f".{time.time_ns() % 1_000_000_000:09d}.{os.getpid()}"
+    writer = SummaryWriter(logdir, purge_step=start_step + 1 if start_step else None,
+                           flush_secs=10, filename_suffix=suffix)
+    if config is not None:
+        # In the run's own directory (SummaryWriter.add_hparams would open a sub-run), so the
+        # hparams dashboard links this config to this run's train/val loss curves.
+        for summary in hparams(flat_hparams(config), {"train/loss": None, "val/loss": None}):
+            writer.file_writer.add_summary(summary, start_step)
+        text = json.dumps(config, indent=2, default=str)
+        writer.add_text("config", "\n".join("    " + line for line in text.splitlines()),
+                        start_step)
+    return writer
 
 
 def _jsonable(v: Any) -> Any:

@@ -80,8 +80,10 @@ def gmm(
                 w_blk = plgpu.load(w_ref.at[g_w, ks, cols]).astype(compute_dtype)
                 return acc + plgpu.dot(x_blk, w_blk)
 
-            # The tail group (gid == g) runs no K steps and stores zeros.
-            k_steps = jnp.where(gid < g, kp // tk, 0)
+            # The tail group (gid == g) runs no K steps and stores zeros. Both branches are
+            # int32 arrays: with Python ints, Pallas' Triton lowering typed them i1, which the
+            # scf.for verifier rejects (and which would truncate kp // tk to 0 steps).
+            k_steps = jnp.where(gid < g, jnp.int32(kp // tk), jnp.int32(0))
             acc = jax.lax.fori_loop(0, k_steps, k_step, jnp.zeros((tm, tn), jnp.float32))
             rows = row0 + jnp.arange(tm, dtype=jnp.int32)
             mine = (rows >= offsets_ref[gid]) & (rows < offsets_ref[gid + 1])
@@ -154,10 +156,11 @@ def tgmm(
 
 
 def make_pallas_gpu(
-    *, tiling: Tiling = DEFAULT_TILING, interpret: bool | None = None
+    *, tiling: Tiling = DEFAULT_TILING, num_warps: int = 4, num_stages: int = 2,
+    interpret: bool | None = None,
 ) -> RaggedMatmul:
     """A ``ragged_matmul`` implementation; ``interpret=None`` interprets off-GPU."""
-    opts = dict(tiling=tiling, interpret=interpret)
+    opts = dict(tiling=tiling, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     return make_ragged_matmul(functools.partial(gmm, **opts), functools.partial(tgmm, **opts))
 
 

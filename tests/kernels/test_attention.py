@@ -12,13 +12,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.attention import IMPLEMENTATIONS, attention
-from pallas_kernels.attention.pallas_gpu import BlockSizes as GpuBlocks
-from pallas_kernels.attention.pallas_gpu import pallas_gpu_attention
-from pallas_kernels.attention.pallas_tpu import BlockSizes as TpuBlocks
-from pallas_kernels.attention.pallas_tpu import pallas_tpu_attention
-from pallas_kernels.attention.reference import reference_attention as _reference
-from pallas_kernels.attention.xla_banded import xla_attention
+from pallas_kernels.attn import IMPLEMENTATIONS, attention
+from pallas_kernels.attn.pallas_gpu import BlockSizes as GpuBlocks
+from pallas_kernels.attn.pallas_gpu import pallas_gpu_attention
+from pallas_kernels.attn.pallas_tpu import BlockSizes as TpuBlocks
+from pallas_kernels.attn.pallas_tpu import pallas_tpu_attention
+from pallas_kernels.attn.reference import reference_attention as _reference
+from pallas_kernels.attn.xla_banded import xla_attention
 
 # Jitted: eager op-by-op dispatch of the reference costs more than the kernels under test.
 reference_attention = jax.jit(_reference, static_argnames=("window", "scale"))
@@ -139,6 +139,25 @@ def test_pallas_bf16(name):
     _check(IMPLS[name], (2, 21, 26, 12, 3, 16, 8, 7, True, True, 5, 3), jnp.bfloat16)
 
 
+@pytest.mark.parametrize("window", [3, 7, None])
+def test_pallas_tpu_static_offset(window):
+    """With the offset known at trace time the grid has exactly the steps needed; results
+    match the reference (a prefix, GQA, sinks and segments; blocks of 8 x 16)."""
+    impl = functools.partial(pallas_tpu_attention, block_sizes=TpuBlocks(8, 16), interpret=True,
+                             static_q_offset=11)
+    _check(impl, (2, 21, 32, 4, 2, 16, 8, window, True, True, 11, 3), jnp.float32)
+
+
+def test_pallas_gpu_head_dim_chunks():
+    """q/k head dims that are not powers of two (192 in the release) run as a sum of
+    power-of-two chunks, never padded to the next power of two; GQA groups reduced in-kernel."""
+    from pallas_kernels.attn.pallas_gpu import head_chunks
+
+    assert head_chunks(192) == ((0, 128), (128, 64))
+    assert head_chunks(40) == ((0, 32), (32, 16))  # rounded up to 48 = 32 + 16
+    _check(IMPLS["pallas_gpu"], (1, 19, 19, 6, 2, 40, 24, 5, True, True, 0, 7), jnp.float32)
+
+
 @pytest.mark.slow
 @settings(max_examples=30, **SETTINGS)
 @given(case=cases(max_t=40), dtype=st.sampled_from([jnp.float32, jnp.bfloat16]))
@@ -191,7 +210,7 @@ def test_dispatch_segment_ids_and_offset():
 
 def test_banded_geometry_skips_blocks():
     """The kernels' grids/loops cover only the band: far fewer kv blocks than S / block."""
-    from pallas_kernels.attention import pallas_gpu, pallas_tpu
+    from pallas_kernels.attn import pallas_gpu, pallas_tpu
 
     g = pallas_tpu._Geom(t=4096, s=4096, bq=128, bk=128, nq=32, nk=32, window=129)
     assert (g.kv_steps, g.q_steps) == (3, 3)  # static grid: a 256-key span may straddle 3
@@ -199,6 +218,12 @@ def test_banded_geometry_skips_blocks():
     assert runs == [True, True, False]  # block-aligned queries: only 2 blocks do work
     fetched = {int(g.kv_block(jnp.int32(0), 20, j)[0]) for j in range(g.kv_steps)}
     assert fetched == {19, 20}  # the skipped step re-uses the last block: no extra DMA
+    # A static offset (training, prefill from 0): exactly the 2 blocks every step uses.
+    static = pallas_tpu._Geom(t=4096, s=4096, bq=128, bk=128, nq=32, nk=32, window=129, qoff=0)
+    assert (static.kv_steps, static.q_steps) == (2, 2)
+    shifted = pallas_tpu._Geom(t=4096, s=4196, bq=128, bk=128, nq=32, nk=33, window=129,
+                               qoff=100)
+    assert (shifted.kv_steps, shifted.q_steps) == (3, 3)  # unaligned: a band spans 3 blocks
     gg = pallas_gpu._geom(4096, 4096, 64, 64, 129)
     lo, hi = gg.kv_range(jnp.int32(0), 40)
     assert int(hi) - int(lo) <= 4
@@ -208,7 +233,7 @@ def test_banded_geometry_skips_blocks():
 
 def test_xla_grouped_chunks(monkeypatch):
     """Long inputs run the band in lax.map groups of chunks; force that on a small shape."""
-    xb = __import__("sys").modules["pallas_kernels.attention.xla_banded"]
+    xb = __import__("sys").modules["pallas_kernels.attn.xla_banded"]
     monkeypatch.setattr(xb, "GROUP_ROWS", 8)  # chunk 4 -> groups of 2 chunks, T=37 -> 10 chunks
     _check(IMPLS["xla"], (2, 37, 48, 4, 1, 16, 8, 6, True, True, [11, 4], 5), jnp.float32)
 

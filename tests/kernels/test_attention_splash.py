@@ -9,8 +9,8 @@ import pytest
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-from pallas_kernels.attention import attention
-from pallas_kernels.attention.pallas_tpu import BlockSizes, pallas_tpu_attention
+from pallas_kernels.attn import attention
+from pallas_kernels.attn.pallas_tpu import BlockSizes, pallas_tpu_attention
 
 
 def _splash(q_hsd, k_hsd, v_hsd, sinks, window):

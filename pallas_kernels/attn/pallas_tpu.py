@@ -12,7 +12,10 @@ never fetched. Masking is exact per element (positions, window, segments, paddin
 - dk/dv: grid (B, Hkv, kv blocks, G * q steps), so GQA's group sum happens in the accumulator.
 - dsinks = -sum_t exp(sink - lse_t) * (do_t . o_t), an O(T) XLA reduction.
 
-Row statistics (m, l, lse, delta) are kept 128 lanes wide, the layout Mosaic stores cheaply.
+Running row statistics (m, l) live in VMEM 128 lanes wide, the layout Mosaic computes with.
+The residuals that go through HBM (lse from the forward, delta for the backward) are stored
+lane-dense, [B, H, 1, T] (a transpose in VMEM), not [B, H, T, 128]: 128x less memory and
+traffic. Blocks of fewer than 128 query rows (short inputs) keep the lane-broadcast layout.
 """
 
 from __future__ import annotations
@@ -55,12 +58,16 @@ class _Geom:
     nq: int  # q blocks
     nk: int  # kv blocks
     window: int | None
+    qoff: int | None = None  # the queries' offset when static (same for every row), else None
 
     @property
     def kv_steps(self) -> int:
-        """kv blocks one q block can reach."""
+        """kv blocks one q block can reach (exact for a static offset: 2, not 3, for a
+        128-key window over 128-row blocks starting at 0)."""
         if self.window is None:
             return self.nk
+        if self.qoff is not None:
+            return max(self._kv_span(iq) for iq in range(self.nq))
         return min(self.nk, _cdiv(self.bq + self.window - 1, self.bk) + 1)
 
     @property
@@ -68,7 +75,21 @@ class _Geom:
         """q blocks that can see one kv block."""
         if self.window is None:
             return self.nq
+        if self.qoff is not None:
+            return max(1, max(self._q_span(ik) for ik in range(self.nk)))
         return min(self.nq, _cdiv(self.bk + self.window - 1, self.bq) + 1)
+
+    def _kv_span(self, iq: int) -> int:
+        q_first = self.qoff + iq * self.bq
+        last = min((q_first + self.bq - 1) // self.bk, self.nk - 1)
+        first = min(max(q_first - self.window + 1, 0) // self.bk, self.nk - 1)
+        return max(last - first + 1, 1)
+
+    def _q_span(self, ik: int) -> int:
+        first = max(ik * self.bk - self.qoff, 0) // self.bq
+        reach = ik * self.bk + self.bk + self.window - 2 - self.qoff
+        last = -1 if reach < 0 else min(reach // self.bq, self.nq - 1)
+        return max(last - first + 1, 0)
 
     def kv_block(self, qoff, iq, j):
         """(kv block index to fetch, whether it intersects the band) for step j of q block iq."""
@@ -102,6 +123,27 @@ class _Geom:
             q_seg = q_seg_ref[:, :1]
             allowed &= (q_seg == kv_seg_ref[:1, :]) & (q_seg != 0)
         return allowed
+
+
+def _compact(bq: int) -> bool:
+    """Row statistics stored lane-dense (needs whole 128-lane rows per q block)."""
+    return bq % LANES == 0
+
+
+def _put_rows(ref, col, compact):
+    """Store a [bq, 1] column of row statistics into its residual block."""
+    if compact:  # [bq, 1] -> [bq, 128] -> transpose -> one [1, bq] row
+        ref[...] = jnp.broadcast_to(col, (col.shape[0], LANES)).T[:1, :]
+    else:
+        ref[...] = jnp.broadcast_to(col, ref.shape)
+
+
+def _get_rows(ref, compact):
+    """The [bq, 1] column of row statistics from a residual block."""
+    if compact:
+        row = ref[...]
+        return jnp.broadcast_to(row, (LANES, row.shape[-1])).T[:, :1]
+    return ref[:, :1]
 
 
 def _scores(q_ref, k_ref, scale):
@@ -155,15 +197,15 @@ def _fwd_kernel(qoff_ref, sinks_ref, q_ref, k_ref, v_ref, *rest, geom, scale, ha
         safe = jnp.where(empty, 1.0, denom)
         o_ref[...] = (acc_scr[...] / safe).astype(o_ref.dtype)
         lse = jnp.where(empty, 0.0, m_scr[:, :1] + jnp.log(safe))
-        lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
+        _put_rows(lse_ref, lse, _compact(geom.bq))
 
 
-def _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, allowed, scale):
+def _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, allowed, scale, compact):
     s = _scores(q_ref, k_ref, scale)
-    p = jnp.where(allowed, jnp.exp(s - lse_ref[:, :1]), 0.0)
+    p = jnp.where(allowed, jnp.exp(s - _get_rows(lse_ref, compact)), 0.0)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32)
-    ds = p * (dp - delta_ref[:, :1]) * scale
+    ds = p * (dp - _get_rows(delta_ref, compact)) * scale
     return p, ds
 
 
@@ -186,7 +228,8 @@ def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
     @pl.when(run)
     def _step():
         allowed = geom.mask(qoff, iq, ik, q_seg_ref, kv_seg_ref)
-        _, ds = _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, allowed, scale)
+        _, ds = _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, allowed, scale,
+                              _compact(geom.bq))
         dq_scr[...] += jnp.dot(ds.astype(k_ref.dtype), k_ref[...],
                                preferred_element_type=jnp.float32)
 
@@ -216,7 +259,8 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
     @pl.when(run)
     def _step():
         allowed = geom.mask(qoff, iq, ik, q_seg_ref, kv_seg_ref)
-        p, ds = _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, allowed, scale)
+        p, ds = _probs_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, allowed, scale,
+                              _compact(geom.bq))
         t_dims = (((0,), (0,)), ((), ()))  # contract the query rows: p^T @ do, ds^T @ q
         dv_scr[...] += jax.lax.dot_general(p.astype(do_ref.dtype), do_ref[...], t_dims,
                                            preferred_element_type=jnp.float32)
@@ -230,6 +274,22 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
 
 
 # ----------------------------------------------------------------------------- pallas_call wrappers
+
+
+def _rows_spec(bq, index_map):
+    """BlockSpec of a row-statistics residual whose q block ``index_map`` returns as
+    (b, h, iq): [B, H, 1, T] blocks of one lane-dense row, or [B, H, T, 128] blocks."""
+    if _compact(bq):
+        return pl.BlockSpec((None, None, 1, bq), lambda *a: (*index_map(*a)[:2], 0,
+                                                               index_map(*a)[2]))
+    return pl.BlockSpec((None, None, bq, LANES), lambda *a: (*index_map(*a), 0))
+
+
+def _rows_array(x_bht, bq):
+    """[B, H, T] row statistics in the residual layout of ``_rows_spec``."""
+    if _compact(bq):
+        return x_bht[:, :, None, :]
+    return jnp.broadcast_to(x_bht[..., None], (*x_bht.shape, LANES))
 
 
 def _seg_inputs(q_seg, kv_seg, geom, q_idx, kv_idx):
@@ -276,26 +336,27 @@ def _fwd(q, k, v, sinks, q_seg, kv_seg, qoff, geom, scale, interpret):
             grid=(b, hq, geom.nq, geom.kv_steps),
             in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, None, bq, dv), q_map),
-                       pl.BlockSpec((None, None, bq, LANES), q_map)],
+                       _rows_spec(bq, lambda bi, h, iq, *_: (bi, h, iq))],
             scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, LANES), jnp.float32),
                             pltpu.VMEM((bq, dv), jnp.float32)],
         ),
         out_shape=[jax.ShapeDtypeStruct((b, hq, tp, dv), q.dtype),
-                   jax.ShapeDtypeStruct((b, hq, tp, LANES), jnp.float32)],
+                   jax.ShapeDtypeStruct((b, hq, 1, tp) if _compact(bq) else (b, hq, tp, LANES),
+                                        jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="banded_flash_fwd",
     )(qoff, sinks_f32, *inputs)
-    return o, lse
+    return o, (lse[:, :, 0, :] if _compact(bq) else lse[..., 0])  # [B, H, Tp]
 
 
 def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
     b, hq, tp, dqk = q.shape
     hkv, sp, dv = k.shape[1], k.shape[2], v.shape[-1]
     g, bq, bk = hq // hkv, geom.bq, geom.bk
-    lse, delta = (jnp.broadcast_to(x[..., None], (*x.shape, LANES)) for x in (lse, delta))
+    lse, delta = _rows_array(lse, bq), _rows_array(delta, bq)
     seg = q_seg is not None
     params = pltpu.CompilerParams(
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
@@ -311,8 +372,8 @@ def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
                 pl.BlockSpec((None, None, bk, dqk), kv_map),
                 pl.BlockSpec((None, None, bk, dv), kv_map),
                 pl.BlockSpec((None, None, bq, dv), q_map),
-                pl.BlockSpec((None, None, bq, LANES), q_map),
-                pl.BlockSpec((None, None, bq, LANES), q_map)]
+                _rows_spec(bq, lambda bi, h, iq, *_: (bi, h, iq)),
+                _rows_spec(bq, lambda bi, h, iq, *_: (bi, h, iq))]
     inputs = [q, k, v, do, lse, delta]
     if seg:
         seg_in, seg_specs = _seg_inputs(
@@ -347,8 +408,8 @@ def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
                 pl.BlockSpec((None, None, bk, dqk), kv_map_t),
                 pl.BlockSpec((None, None, bk, dv), kv_map_t),
                 pl.BlockSpec((None, None, bq, dv), q_map_t),
-                pl.BlockSpec((None, None, bq, LANES), q_map_t),
-                pl.BlockSpec((None, None, bq, LANES), q_map_t)]
+                _rows_spec(bq, lambda *a: q_map_t(*a)[:3]),
+                _rows_spec(bq, lambda *a: q_map_t(*a)[:3])]
     inputs = [q, k, v, do, lse, delta]
     if seg:
         seg_in, seg_specs = _seg_inputs(
@@ -397,9 +458,9 @@ def _attn(q, k, v, sinks, q_seg, kv_seg, qoff, geom, scale, interpret):
 
 def _attn_fwd(q, k, v, sinks, q_seg, kv_seg, qoff, geom, scale, interpret):
     qh, kh, vh, qoff_b = _prep(q, k, v, qoff, geom)
-    oh, lse = _fwd(qh, kh, vh, sinks, q_seg, kv_seg, qoff_b, geom, scale, interpret)
+    oh, lse_bht = _fwd(qh, kh, vh, sinks, q_seg, kv_seg, qoff_b, geom, scale, interpret)
     o = jnp.swapaxes(oh, 1, 2)[:, : geom.t]
-    return o, (q, k, v, sinks, q_seg, kv_seg, qoff, o, lse[..., 0])
+    return o, (q, k, v, sinks, q_seg, kv_seg, qoff, o, lse_bht)
 
 
 def _attn_bwd(geom, scale, interpret, res, do):
@@ -424,7 +485,8 @@ def _attn_bwd(geom, scale, interpret, res, do):
 _attn.defvjp(_attn_fwd, _attn_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "scale", "block_sizes", "interpret",
+                                             "static_q_offset"))
 def pallas_tpu_attention(
     q: jax.Array,
     k: jax.Array,
@@ -438,16 +500,20 @@ def pallas_tpu_attention(
     scale: float,
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool | None = None,
+    static_q_offset: int | None = None,
 ) -> jax.Array:
     """Banded flash attention (see the module doc).
 
-    ``interpret``: run the kernel in the Pallas interpreter; None = only where the default
-    backend is the CPU (the sole way it runs there), compiled on a real TPU.
+    ``interpret``: run the kernel in the Pallas interpreter; None = wherever the default
+    backend is not a TPU; False compiles it for a TPU even from a CPU host.
+    ``static_q_offset``: ``q_offset``'s value when known at trace time (training, prefill
+    from 0): the band's grid then has exactly the steps some block needs.
     """
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = jax.default_backend() != "tpu"
     t, s = q.shape[1], k.shape[1]
     bq = min(block_sizes.block_q, _cdiv(t, SUBLANES) * SUBLANES)
     bk = min(block_sizes.block_kv, _cdiv(s, SUBLANES) * SUBLANES)
-    geom = _Geom(t=t, s=s, bq=bq, bk=bk, nq=_cdiv(t, bq), nk=_cdiv(s, bk), window=window)
+    geom = _Geom(t=t, s=s, bq=bq, bk=bk, nq=_cdiv(t, bq), nk=_cdiv(s, bk), window=window,
+                 qoff=static_q_offset)
     return _attn(q, k, v, sinks, q_segment_ids, kv_segment_ids, q_offset, geom, scale, interpret)

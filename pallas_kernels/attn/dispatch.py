@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention.pallas_gpu import pallas_gpu_attention
-from pallas_kernels.attention.pallas_tpu import pallas_tpu_attention
-from pallas_kernels.attention.reference import reference_attention
-from pallas_kernels.attention.xla_banded import xla_attention
+from pallas_kernels.attn.pallas_gpu import pallas_gpu_attention
+from pallas_kernels.attn.pallas_tpu import pallas_tpu_attention
+from pallas_kernels.attn.reference import reference_attention
+from pallas_kernels.attn.xla_banded import xla_attention
 
 # name -> callable with reference_attention's keyword signature.
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
@@ -29,18 +29,39 @@ _DEFAULTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Set by `use_implementation`: callers that do not name an implementation get this one.
-_SELECTED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention", default=None)
+# Implementations that are Pallas kernels: the only ones with an interpreter mode.
+PALLAS = frozenset({"pallas_tpu", "pallas_gpu"})
+
+# Set by `use_implementation`: (name, interpret) for calls that do not name their own.
+_SELECTED: contextvars.ContextVar[tuple[str | None, bool | None]] = contextvars.ContextVar(
+    "attention", default=(None, None)
+)
 
 
-@contextlib.contextmanager
-def use_implementation(name: str) -> Iterator[None]:
-    """Route every `attention` call traced in this block (the model's too) to `name`."""
-    if name not in IMPLEMENTATIONS:
+def _check_choice(name: str | None, interpret: bool | None) -> None:
+    if name is not None and name not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention: unknown implementation {name!r}; have {sorted(IMPLEMENTATIONS)}"
         )
-    token = _SELECTED.set(name)
+    if interpret and name is not None and name not in PALLAS:
+        raise ValueError(
+            f"attention: interpret=True needs a Pallas implementation ({sorted(PALLAS)}), "
+            f"not {name!r}"
+        )
+
+
+@contextlib.contextmanager
+def use_implementation(
+    name: str | None = None, *, interpret: bool | None = None
+) -> Iterator[None]:
+    """Route every `attention` call traced in this block (the model's too) to `name`.
+
+    ``interpret=False`` compiles the Pallas kernel even where the default backend is the CPU
+    (to lower or AOT-compile for an accelerator from a CPU host); None keeps each kernel's
+    default (interpret off its own backend).
+    """
+    _check_choice(name, interpret)
+    token = _SELECTED.set((name, interpret))
     try:
         yield
     finally:
@@ -48,8 +69,9 @@ def use_implementation(name: str) -> Iterator[None]:
 
 
 def _default_implementation() -> str:
-    if _SELECTED.get() is not None:
-        return _SELECTED.get()
+    selected, _ = _SELECTED.get()
+    if selected is not None:
+        return selected
     for name in _DEFAULTS.get(jax.default_backend(), ("xla",)):
         if name in IMPLEMENTATIONS:
             return name
@@ -67,6 +89,7 @@ def attention(
     q_offset: int | jax.Array = 0,
     scale: float | None = None,
     implementation: str | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """Causal multi-head attention with GQA, an optional sliding window and per-head sinks.
 
@@ -83,6 +106,9 @@ def attention(
       q_offset: scalar or [B] int: where the queries start (decode, chunked prefill).
       scale: score scale, default ``Dqk ** -0.5``.
       implementation: force one of ``IMPLEMENTATIONS`` (default: the best for the backend).
+      interpret: for the Pallas implementations: False compiles the kernel even on a CPU
+        host (to lower or AOT-compile it for a TPU/GPU target), True runs the Pallas
+        interpreter; None (default) interprets only off the kernel's own backend.
 
     Returns:
       [B, T, Hq, Dv] in q's dtype.
@@ -102,6 +128,7 @@ def attention(
     if sinks is not None and sinks.shape != (hq,):
         raise ValueError(f"attention: sinks must have shape ({hq},), got {sinks.shape}")
     s = k.shape[1]
+    static_q_offset = q_offset if isinstance(q_offset, int) else None
     q_offset = jnp.asarray(q_offset, jnp.int32)
     if segment_ids is None:
         q_seg = kv_seg = None
@@ -120,11 +147,13 @@ def attention(
             f"attention: segment ids {q_seg.shape}/{kv_seg.shape} do not match B={b}, T={t}, S={s}"
         )
     name = implementation or _default_implementation()
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention: unknown implementation {name!r}; have {sorted(IMPLEMENTATIONS)}"
-        )
+    if interpret is None:
+        interpret = _SELECTED.get()[1]
+    _check_choice(name, interpret)
+    extra = {"interpret": interpret} if name in PALLAS else {}
+    if name == "pallas_tpu":  # a static offset lets the banded grid drop never-used steps
+        extra["static_q_offset"] = static_q_offset
     return IMPLEMENTATIONS[name](
         q, k, v, sinks=sinks, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-        q_offset=q_offset, scale=dqk**-0.5 if scale is None else scale,
+        q_offset=q_offset, scale=dqk**-0.5 if scale is None else scale, **extra,
     )

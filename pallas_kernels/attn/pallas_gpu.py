@@ -3,11 +3,17 @@
 The idiom of ``jax.experimental.pallas.ops.gpu.attention``: one program per (q block, batch,
 head) holds its q tile and ``fori_loop``s over the kv blocks; here the loop bounds come from
 ``q_offset`` and the window, so only blocks intersecting the band are visited (O(T * W)).
-Triton wants power-of-two tiles, so head dims are zero-padded to powers of two (zeros change
-neither q.k nor the kept output columns) and T / S to block multiples; results are sliced back.
 
-Backward: a dq kernel (same loop as the forward) and a dk/dv kernel per *query* head that loops
-over the q blocks seeing its kv block; GQA's group sum is an XLA reduction afterwards.
+Head dims: Triton tensors must have power-of-two sizes, but the release's q/k head dim is 192.
+Rather than pad it to 256 (a third more QK work and traffic), q/k are padded only to a
+multiple of 16 and every q.k product is a sum of dots over power-of-two column chunks
+(192 = 128 + 64); dq and dk are produced chunk by chunk the same way. The v head dim is padded
+to a power of two (128 in the release: no padding). T / S are padded to block multiples.
+
+Backward: a dq kernel (same loop as the forward) and a dk/dv kernel with one program per
+(kv block, batch, KV head) that loops over the query heads of its group and, for each, over
+the q blocks seeing the kv block: GQA's group sum happens in registers, and dk/dv are written
+once per KV head in the inputs' dtype (no [B, S, Hq, D] float32 intermediate).
 dsinks = -sum_t exp(sink - lse_t) * (do_t . o_t) in XLA.
 """
 
@@ -23,15 +29,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 NEG = -0.7 * float(np.finfo(np.float32).max)
+MIN_DOT = 16  # Triton dots need every dimension >= 16
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Powers of two. Forward 64 x 64 keeps a W=128 band at 3 kv blocks per q block."""
+    """Powers of two. Defaults from a sweep on one H200 (jax 0.11.2; sliding window 129,
+    T = 16K, 64/8 heads, q/k 192, v 128, bf16; benchmarks/gpu.py): forward 64 x 32 ran
+    0.99 ms vs 1.12 ms for 64 x 64; backward 64 x 32 ran ~1.9 ms vs ~2.6 ms for 32 x 32."""
 
     block_q: int = 64
-    block_kv: int = 64
-    block_q_bwd: int = 32
+    block_kv: int = 32
+    block_q_bwd: int = 64
     block_kv_bwd: int = 32
 
 
@@ -41,6 +50,20 @@ def _cdiv(a: int, b: int) -> int:
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _round_up(n: int, m: int) -> int:
+    return _cdiv(n, m) * m
+
+
+def head_chunks(d: int) -> tuple[tuple[int, int], ...]:
+    """(start, width) power-of-two column chunks covering ``d`` rounded up to 16."""
+    rest, start, out = _round_up(d, MIN_DOT), 0, []
+    while rest:
+        width = 1 << (rest.bit_length() - 1)
+        out.append((start, width))
+        start, rest = start + width, rest - width
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,14 +110,24 @@ def _split(rest, has_seg):
     return None, None, rest
 
 
+def _qk(q_chunks, k_chunks):
+    """q . k^T summed over the head-dim chunks (float32)."""
+    s = None
+    for q_c, k_c in zip(q_chunks, k_chunks, strict=True):
+        part = plgpu.dot(q_c, k_c, trans_b=True)
+        s = part if s is None else s + part
+    return s
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
-def _fwd_kernel(qoff_ref, sink_ref, q_ref, k_ref, v_ref, *rest, geom, scale, has_sinks, has_seg):
+def _fwd_kernel(qoff_ref, sink_ref, q_ref, k_ref, v_ref, *rest, geom, scale, has_sinks, has_seg,
+                chunks):
     q_seg_ref, kv_seg_ref, (o_ref, lse_ref) = _split(rest, has_seg)
     iq = pl.program_id(0)
     qoff = qoff_ref[0]
-    q = q_ref[...]
+    q_chunks = [q_ref[:, pl.ds(c0, cw)] for c0, cw in chunks]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
     bq, bk = geom.bq, geom.bk
     if has_sinks:  # the sink is the first "key": max = sink, denominator exp(0) = 1
@@ -110,7 +143,8 @@ def _fwd_kernel(qoff_ref, sink_ref, q_ref, k_ref, v_ref, *rest, geom, scale, has
         sl = pl.ds(ik * bk, bk)
         kv_seg = None if kv_seg_ref is None else kv_seg_ref[sl]
         allowed = geom.mask(qoff, iq, ik, q_seg, kv_seg)
-        s = jnp.where(allowed, plgpu.dot(q, k_ref[sl, :], trans_b=True) * scale, NEG)
+        s = _qk(q_chunks, [k_ref[sl, pl.ds(c0, cw)] for c0, cw in chunks])
+        s = jnp.where(allowed, s * scale, NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
         corr = jnp.exp(m - m_new)
@@ -126,56 +160,73 @@ def _fwd_kernel(qoff_ref, sink_ref, q_ref, k_ref, v_ref, *rest, geom, scale, has
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log(safe))
 
 
-def _ds(q, k, v, do, lse, delta, allowed, scale):
-    p = jnp.where(allowed, jnp.exp(plgpu.dot(q, k, trans_b=True) * scale - lse[:, None]), 0.0)
+def _probs_and_ds(s, do, v, lse, delta, allowed, scale):
+    """Softmax probabilities from the scores and lse, and dS (scaled) from dO . V^T."""
+    p = jnp.where(allowed, jnp.exp(s * scale - lse[:, None]), 0.0)
     dp = plgpu.dot(do, v, trans_b=True)
     return p, p * (dp - delta[:, None]) * scale
 
 
 def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, geom, scale,
-               has_seg):
+               has_seg, chunks):
     q_seg_ref, kv_seg_ref, (dq_ref,) = _split(rest, has_seg)
     iq = pl.program_id(0)
     qoff = qoff_ref[0]
-    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_chunks = [q_ref[:, pl.ds(c0, cw)] for c0, cw in chunks]
+    do, lse, delta = do_ref[...], lse_ref[...], delta_ref[...]
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
 
     def body(ik, dq):
         sl = pl.ds(ik * geom.bk, geom.bk)
         kv_seg = None if kv_seg_ref is None else kv_seg_ref[sl]
-        k = k_ref[sl, :]
+        k_chunks = [k_ref[sl, pl.ds(c0, cw)] for c0, cw in chunks]
         allowed = geom.mask(qoff, iq, ik, q_seg, kv_seg)
-        _, ds = _ds(q, k, v_ref[sl, :], do, lse, delta, allowed, scale)
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
+        s = _qk(q_chunks, k_chunks)
+        _, ds = _probs_and_ds(s, do, v_ref[sl, :], lse, delta, allowed, scale)
+        ds = ds.astype(k_chunks[0].dtype)
+        return tuple(d + plgpu.dot(ds, k_c) for d, k_c in zip(dq, k_chunks, strict=True))
 
     lo, hi = geom.kv_range(qoff, iq)
-    dq = jax.lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    zeros = tuple(jnp.zeros((geom.bq, cw), jnp.float32) for _, cw in chunks)
+    dq = jax.lax.fori_loop(lo, hi, body, zeros)
+    for (c0, cw), d in zip(chunks, dq, strict=True):
+        dq_ref[:, pl.ds(c0, cw)] = d.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, geom, scale,
-                has_seg):
+                has_seg, chunks, group):
     q_seg_ref, kv_seg_ref, (dk_ref, dv_ref) = _split(rest, has_seg)
     ik = pl.program_id(0)
     qoff = qoff_ref[0]
-    k, v = k_ref[...], v_ref[...]
+    k_chunks = [k_ref[:, pl.ds(c0, cw)] for c0, cw in chunks]
+    v = v_ref[...]
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
-
-    def body(iq, carry):
-        dk, dv = carry
-        sl = pl.ds(iq * geom.bq, geom.bq)
-        q_seg = None if q_seg_ref is None else q_seg_ref[sl]
-        q, do = q_ref[sl, :], do_ref[sl, :]
-        allowed = geom.mask(qoff, iq, ik, q_seg, kv_seg)
-        p, ds = _ds(q, k, v, do, lse_ref[sl], delta_ref[sl], allowed, scale)
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
-
     lo, hi = geom.q_range(qoff, ik)
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = jax.lax.fori_loop(lo, hi, body, zeros)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+
+    def head(hh, carry):  # one query head of this KV head's group
+        def body(iq, carry):
+            dk, dv = carry
+            sl = pl.ds(iq * geom.bq, geom.bq)
+            q_seg = None if q_seg_ref is None else q_seg_ref[sl]
+            q_chunks = [q_ref[sl, hh, pl.ds(c0, cw)] for c0, cw in chunks]
+            do = do_ref[sl, hh, :]
+            allowed = geom.mask(qoff, iq, ik, q_seg, kv_seg)
+            s = _qk(q_chunks, k_chunks)
+            p, ds = _probs_and_ds(s, do, v, lse_ref[hh, sl], delta_ref[hh, sl], allowed,
+                                  scale)
+            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+            ds = ds.astype(q_chunks[0].dtype)
+            dk = tuple(d + plgpu.dot(ds, q_c, trans_a=True)
+                       for d, q_c in zip(dk, q_chunks, strict=True))
+            return dk, dv
+
+        return jax.lax.fori_loop(lo, hi, body, carry)
+
+    zeros = (tuple(jnp.zeros((geom.bk, cw), jnp.float32) for _, cw in chunks),
+             jnp.zeros(v.shape, jnp.float32))
+    dk, dv = jax.lax.fori_loop(0, group, head, zeros)
+    for (c0, cw), d in zip(chunks, dk, strict=True):
+        dk_ref[:, pl.ds(c0, cw)] = d.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
@@ -211,7 +262,7 @@ def _fwd(q, k, v, sinks, q_seg, kv_seg, qoff, geom, scale, interpret):
                      pl.BlockSpec((None, sp), lambda i, bi, h: (bi, 0))]
         inputs += [q_seg, kv_seg]
     kernel = functools.partial(_fwd_kernel, geom=geom, scale=scale, has_sinks=sinks is not None,
-                               has_seg=q_seg is not None)
+                               has_seg=q_seg is not None, chunks=head_chunks(dqk))
     return pl.pallas_call(
         kernel,
         grid=(geom.nq, b, hq),
@@ -231,6 +282,7 @@ def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
     sp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     g, bq, bk = hq // hkv, geom.bq, geom.bk
     seg = q_seg is not None
+    chunks = head_chunks(dqk)
     # dq: one program per (q block, batch, head), loop over kv blocks.
     in_specs = [
         pl.BlockSpec((1,), lambda i, bi, h: (bi,)),
@@ -247,7 +299,7 @@ def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
                      pl.BlockSpec((None, sp), lambda i, bi, h: (bi, 0))]
         inputs += [q_seg, kv_seg]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, geom=geom, scale=scale, has_seg=seg),
+        functools.partial(_dq_kernel, geom=geom, scale=scale, has_seg=seg, chunks=chunks),
         grid=(geom.nq, b, hq),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bq, None, dqk), lambda i, bi, h: (bi, i, h, 0)),
@@ -256,36 +308,34 @@ def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
         interpret=interpret,
         name="banded_flash_dq_gpu",
     )(*inputs)
-    # dk/dv per query head: one program per (kv block, batch, q head), loop over q blocks.
+    # dk/dv: one program per (kv block, batch, KV head), looping over its group's query heads.
     in_specs = [
-        pl.BlockSpec((1,), lambda i, bi, h: (bi,)),
-        pl.BlockSpec((None, tp, None, dqk), lambda i, bi, h: (bi, 0, h, 0)),
-        pl.BlockSpec((None, bk, None, dqk), lambda i, bi, h: (bi, i, h // g, 0)),
-        pl.BlockSpec((None, bk, None, dv), lambda i, bi, h: (bi, i, h // g, 0)),
-        pl.BlockSpec((None, tp, None, dv), lambda i, bi, h: (bi, 0, h, 0)),
-        pl.BlockSpec((None, None, tp), lambda i, bi, h: (bi, h, 0)),
-        pl.BlockSpec((None, None, tp), lambda i, bi, h: (bi, h, 0)),
+        pl.BlockSpec((1,), lambda i, bi, hk: (bi,)),
+        pl.BlockSpec((None, tp, g, dqk), lambda i, bi, hk: (bi, 0, hk, 0)),
+        pl.BlockSpec((None, bk, None, dqk), lambda i, bi, hk: (bi, i, hk, 0)),
+        pl.BlockSpec((None, bk, None, dv), lambda i, bi, hk: (bi, i, hk, 0)),
+        pl.BlockSpec((None, tp, g, dv), lambda i, bi, hk: (bi, 0, hk, 0)),
+        pl.BlockSpec((None, g, tp), lambda i, bi, hk: (bi, hk, 0)),
+        pl.BlockSpec((None, g, tp), lambda i, bi, hk: (bi, hk, 0)),
     ]
     inputs = [qoff, q, k, v, do, lse, delta]
     if seg:
-        in_specs += [pl.BlockSpec((None, tp), lambda i, bi, h: (bi, 0)),
-                     pl.BlockSpec((None, bk), lambda i, bi, h: (bi, i))]
+        in_specs += [pl.BlockSpec((None, tp), lambda i, bi, hk: (bi, 0)),
+                     pl.BlockSpec((None, bk), lambda i, bi, hk: (bi, i))]
         inputs += [q_seg, kv_seg]
     dk, dv_ = pl.pallas_call(
-        functools.partial(_dkv_kernel, geom=geom, scale=scale, has_seg=seg),
-        grid=(geom.nk, b, hq),
+        functools.partial(_dkv_kernel, geom=geom, scale=scale, has_seg=seg, chunks=chunks,
+                          group=g),
+        grid=(geom.nk, b, hkv),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bk, None, dqk), lambda i, bi, h: (bi, i, h, 0)),
-                   pl.BlockSpec((None, bk, None, dv), lambda i, bi, h: (bi, i, h, 0))],
-        out_shape=[jax.ShapeDtypeStruct((b, sp, hq, dqk), jnp.float32),
-                   jax.ShapeDtypeStruct((b, sp, hq, dv), jnp.float32)],
+        out_specs=[pl.BlockSpec((None, bk, None, dqk), lambda i, bi, hk: (bi, i, hk, 0)),
+                   pl.BlockSpec((None, bk, None, dv), lambda i, bi, hk: (bi, i, hk, 0))],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=_params(bq, bk),
         interpret=interpret,
         name="banded_flash_dkv_gpu",
     )(*inputs)
-    # GQA: sum the per-query-head gradients over each KV head's group.
-    dk = dk.reshape(b, sp, hkv, g, dqk).sum(axis=3)
-    dv_ = dv_.reshape(b, sp, hkv, g, dv).sum(axis=3)
     return dq, dk, dv_
 
 
@@ -294,7 +344,8 @@ def _bwd(q, k, v, q_seg, kv_seg, qoff, do, lse, delta, geom, scale, interpret):
 
 def _prep(q, k, v, q_seg, kv_seg, qoff, geom):
     tp, sp = geom.nq * geom.bq, geom.nk * geom.bk
-    dqk, dv = _pow2(q.shape[-1]), _pow2(v.shape[-1])
+    # q/k: a multiple of 16 (chunked dots); v: a power of two (one dot), at least 16.
+    dqk, dv = _round_up(q.shape[-1], MIN_DOT), _pow2(max(v.shape[-1], MIN_DOT))
     qp = _pad(_pad(q, 1, tp), 3, dqk)
     kp = _pad(_pad(k, 1, sp), 3, dqk)
     vp = _pad(_pad(v, 1, sp), 3, dv)
@@ -335,8 +386,8 @@ def _attn_bwd(geom, bwd_geom, scale, interpret, res, do):
         p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_bht)
         dsinks = -jnp.sum(p_sink * delta_bht, axis=(0, 2)).astype(sinks.dtype)
     dq = dq[:, : gb.t, :, : q.shape[-1]]
-    dk = dk[:, : gb.s, :, : k.shape[-1]].astype(k.dtype)
-    dv = dv[:, : gb.s, :, : v.shape[-1]].astype(v.dtype)
+    dk = dk[:, : gb.s, :, : k.shape[-1]]
+    dv = dv[:, : gb.s, :, : v.shape[-1]]
     return dq, dk, dv, dsinks, None, None, None
 
 
@@ -366,11 +417,11 @@ def pallas_gpu_attention(
 ) -> jax.Array:
     """Banded flash attention (see the module doc).
 
-    ``interpret``: run the kernel in the Pallas interpreter; None = only where the default
-    backend is the CPU (the sole way it runs there), compiled on a real GPU.
+    ``interpret``: run the kernel in the Pallas interpreter; None = wherever the default
+    backend is not a GPU; False compiles it for a GPU even from a CPU host.
     """
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = jax.default_backend() != "gpu"
     t, s = q.shape[1], k.shape[1]
     bs = block_sizes
     geom = _geom(t, s, bs.block_q, bs.block_kv, window)

@@ -1,0 +1,99 @@
+"""Cached attention in plain XLA: each key set (cache, new chunk) gives a partial softmax
+(output normalised over its own keys, and its log-sum-exp); `merge` combines the parts and
+the sinks exactly. The Pallas implementations reuse `merge` and the new-chunk part.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode.reference import key_mask, query_positions
+
+
+def partial_attention(
+    q_btnd: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kpos_bs: jax.Array,
+    qpos_bt: jax.Array,
+    *,
+    window: int | None,
+    scale: float,
+    heads_major: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """Queries over one key set: (o [B, T, Hq, Dv] float32 normalised over these keys,
+    lse [B, T, Hq] float32, -inf where no key is visible). Keys are [B, Hkv, S, D] when
+    `heads_major` (a cache), else [B, S, Hkv, D] (a projected chunk)."""
+    b, t, hq, dqk = q_btnd.shape
+    hkv = k.shape[1] if heads_major else k.shape[2]
+    g = hq // hkv
+    if jax.default_backend() == "cpu" and q_btnd.dtype != jnp.float32:
+        # XLA:CPU has no bf16 x bf16 -> f32 dot for some of these layouts: compute in f32.
+        q_btnd, k, v = (x.astype(jnp.float32) for x in (q_btnd, k, v))
+    q_btkgd = q_btnd.reshape(b, t, hkv, g, dqk)
+    kspec = "bksd" if heads_major else "bskd"
+    scores = jnp.einsum(f"btkgd,{kspec}->bkgts", q_btkgd, k.astype(q_btnd.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    mask = key_mask(kpos_bs, qpos_bt, window)[:, None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(scores - safe_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    vdt = v.dtype
+    o = jnp.einsum(f"bkgts,{kspec}->btkgd", p.astype(vdt), v, preferred_element_type=jnp.float32)
+    inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)  # [B,K,G,T,1]
+    o = o * jnp.moveaxis(inv[..., 0], 3, 1)[..., None]
+    lse = jnp.where(denom[..., 0] > 0, safe_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
+    return o.reshape(b, t, hq, -1), jnp.moveaxis(lse, 3, 1).reshape(b, t, hq)
+
+
+def merge(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None,
+          out_dtype) -> jax.Array:
+    """Combine partial softmaxes [(o [B,T,H,D], lse [B,T,H])] and per-head sink logits [H]
+    into one attention output; rows that see nothing (no key, no sink) come back as zeros."""
+    lses = [lse for _, lse in parts]
+    if sinks is not None:
+        lses.append(jnp.broadcast_to(sinks.astype(jnp.float32), lses[0].shape))
+    m = lses[0]
+    for x in lses[1:]:
+        m = jnp.maximum(m, x)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    weights = [jnp.exp(x - m) for x in lses]
+    denom = sum(weights[1:], weights[0])
+    denom = jnp.where(denom > 0, denom, 1.0)
+    out = sum((w[..., None] * o for w, (o, _) in zip(weights, parts, strict=False)),
+              jnp.zeros_like(parts[0][0]))
+    return (out / denom[..., None]).astype(out_dtype)
+
+
+def new_part(q, k_new, v_new, new_positions, q_offset, *, window, scale):
+    b, t = q.shape[:2]
+    return partial_attention(q, k_new, v_new, new_positions, query_positions(q_offset, b, t),
+                             window=window, scale=scale, heads_major=False)
+
+
+def xla_cached_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    cache_positions: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    new_positions: jax.Array,
+    *,
+    q_offset: jax.Array,
+    cache_length: jax.Array,
+    sinks: jax.Array | None,
+    window: int | None,
+    scale: float,
+) -> jax.Array:
+    b, t = q.shape[:2]
+    s = k_cache.shape[2]
+    slot_ok = jnp.arange(s)[None, :] < cache_length[:, None]
+    cached = partial_attention(q, k_cache, v_cache, jnp.where(slot_ok, cache_positions, -1),
+                               query_positions(q_offset, b, t), window=window, scale=scale,
+                               heads_major=True)
+    fresh = new_part(q, k_new, v_new, new_positions, q_offset, window=window, scale=scale)
+    return merge([cached, fresh], sinks, q.dtype)
