@@ -13,8 +13,9 @@ def verdict(rows: dict) -> str:
     return verdict_sentence([
         compare(rows, "lambda 0.3", "lambda 0", "acceptance_length", lower_is_better=False),
         compare(rows, "lambda 0.1", "lambda 0", "acceptance_length", lower_is_better=False),
-        # "does not hurt the main loss": lambda 0.1 within noise of lambda 0 (either direction)
-        compare(rows, "lambda 0.1", "lambda 0", "val_loss"),
+        # "does not hurt the main loss"
+        compare(rows, "lambda 0.3", "lambda 0", "val_loss", no_worse=True),
+        compare(rows, "lambda 0.1", "lambda 0", "val_loss", no_worse=True),
     ])
 
 

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -196,8 +196,3 @@ def lower_for_gpu(
             "mode, or a cached lowering?)"
         )
     return kernels
-
-
-def shapes(*arrays: Sequence[int] | tuple[Sequence[int], Any]) -> list[jax.ShapeDtypeStruct]:
-    """``shapes(((B, T, H, D), jnp.bfloat16), ...)``: abstract arguments, nothing allocated."""
-    return [jax.ShapeDtypeStruct(tuple(s), d) for s, d in arrays]

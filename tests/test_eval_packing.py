@@ -120,6 +120,14 @@ def test_pack_rows_is_a_tight_valid_packing():
         pack_rows([129], packing)
 
 
+def test_auto_rows_spread_over_the_fewest_batches():
+    packing = Packing((64, 256), max_batch_tokens=4 * 64)  # at most 4 rows of 64, 1 of 256
+    assert packing.rows_per_batch(64, 9) == 3  # 3 batches of 3 rows: no padding row
+    assert packing.rows_per_batch(64, 2) == 2 and packing.rows_per_batch(256, 5) == 1
+    assert Packing((64,), row_multiple=4).rows_per_batch(64, 9) == 12  # data-parallel ways
+    assert Packing((64,), batch_size=5).rows_per_batch(64, 1) == 5  # as the user asked
+
+
 def test_batches_have_fixed_shapes_per_bucket():
     reqs = _requests(40)
     packing = Packing((32, 64, 96), batch_size=3)

@@ -195,7 +195,7 @@ def _fake_run(root, name, seed, val_loss, acc):
         f.write(json.dumps({"event": "end", "load_avg": [2.5, 1, 1], "cpu_s": 12.0}) + "\n")
     with open(os.path.join(d, "metrics.jsonl"), "w") as f:
         for step in (1, 2, 3):
-            f.write(json.dumps({"step": step, "loss": 5 - step, "ce": [4 - step, 5.0]}) + "\n")
+            f.write(json.dumps({"step": step, "loss": 5 - step, "ce": 4.0 - step}) + "\n")
     return d
 
 

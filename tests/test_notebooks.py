@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+import jupytext  # the `test` extra installs these four (and ipykernel)
+import nbclient
+import nbformat
 import pytest
-
-jupytext = pytest.importorskip("jupytext")  # the `test` extra installs these
-nbclient = pytest.importorskip("nbclient")
-nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "experiments" / "notebooks"
@@ -72,31 +71,25 @@ def kernel_env(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("notebooks")
     install(kernel_name=KERNEL, display_name="mimo-jax (tests)", prefix=str(base))
-    env = {
-        "JUPYTER_PATH": os.pathsep.join(
-            [str(base / "share" / "jupyter"), os.environ.get("JUPYTER_PATH", "")]).strip(
-                os.pathsep),
+    env = dict(os.environ)
+    env.update({
         "MPLBACKEND": "Agg",
         # A developer's own cache is reused (set it to rerun quickly); CI starts empty.
-        "MIMO_JAX_NOTEBOOK_CACHE": os.environ.get("MIMO_JAX_NOTEBOOK_CACHE") or str(base / "cache"),
+        "MIMO_JAX_NOTEBOOK_CACHE": os.environ.get("MIMO_JAX_NOTEBOOK_CACHE")
+        or str(base / "cache"),
         "JAX_PLATFORMS": "cpu",
         # One CPU device, as a user's machine has (conftest simulates 8 for the mesh tests).
         "XLA_FLAGS": " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
                               if "xla_force_host_platform_device_count" not in f),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).strip(
-            os.pathsep),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield base
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    })
+    with pytest.MonkeyPatch.context() as mp:  # the kernelspec is looked up in this process
+        mp.setenv("JUPYTER_PATH", os.pathsep.join(
+            p for p in (str(base / "share" / "jupyter"), os.environ.get("JUPYTER_PATH")) if p))
+        yield env
 
 
-def run_notebook(name: str, parameters: dict) -> tuple[object, float, float]:
+def run_notebook(name: str, parameters: dict, env: dict | None = None
+                 ) -> tuple[object, float, float]:
     """Execute one notebook; returns (executed notebook, wall seconds, kernel CPU seconds)."""
     nb = jupytext.read(NOTEBOOK_DIR / name)
     inject_parameters(nb, parameters)
@@ -104,7 +97,7 @@ def run_notebook(name: str, parameters: dict) -> tuple[object, float, float]:
         nb, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL, allow_errors=False,
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     t0, cpu0 = time.perf_counter(), _children_cpu()
-    client.execute()
+    client.execute(**({} if env is None else {"env": env}))
     return nb, time.perf_counter() - t0, _children_cpu() - cpu0
 
 
@@ -124,7 +117,6 @@ def expect_evaluate(c: dict) -> None:
     r = c["evaluate"]
     assert _finite(r["perplexity"], r["bits_per_byte"]) and r["perplexity"] > 1
     assert r["compilations"] == [1, 0]  # the second call reuses the executable
-    assert r["seconds"][1] < r["seconds"][0]
     assert set(r["tasks"]) >= {"mimo_arith_mc", "mimo_copy_words"}
     assert 0.0 <= r["tasks"]["mimo_arith_mc"]["acc"] <= 1.0
     assert r["lm_eval_repeat_compilations"] == 0
@@ -185,7 +177,7 @@ def test_notebook_runs_on_the_tiny_preset(name, kernel_env, tmp_path):
     parameters = {"TINY": True, "OUTPUT_DIR": str(tmp_path / "out")}
     if name == "05_compare_runs.py":  # no run directories: the notebook trains two itself
         parameters["RUNS_ROOT"] = str(tmp_path / "runs")
-    nb, wall, cpu = run_notebook(name, parameters)
+    nb, wall, cpu = run_notebook(name, parameters, kernel_env)
     print(f"{name}: {wall:.0f} s wall, {cpu:.0f} s CPU (kernel)", file=sys.stderr)
     assert figures(nb) >= 1, f"{name} displayed no figure"
     found = checks(nb)

@@ -5,4 +5,5 @@ source "$(dirname "$0")/env.sh" test,dev,eval
 marker="not slow"
 if [ "${1:-}" = "--slow" ]; then marker="slow"; shift; fi
 ruff check .
-exec python -m pytest -m "$marker" -p no:cacheprovider "$@"
+# Two workers: CI and the development machines have two cores.
+exec python -m pytest -m "$marker" -p no:cacheprovider -n 2 "$@"

@@ -45,15 +45,24 @@ def expand(sweep: str, description: str, variants: Mapping[str, Mapping[str, Any
 
 
 def compare(rows: Mapping[str, Mapping[str, tuple]], better: str, worse: str, metric: str, *,
-            lower_is_better: bool = True) -> tuple[bool | None, str]:
-    """Does `better` beat `worse` on `metric` as the report says, and by more than the seeds'
-    spread? Returns (agrees or None if not measured, a short phrase)."""
+            lower_is_better: bool = True, noise: float = 0.0, no_worse: bool = False
+            ) -> tuple[bool | None, str]:
+    """Does `better` beat `worse` on `metric` as the report says (with `no_worse`: is it at
+    least as good, up to the seeds' spread, for "matches or beats" / "does not hurt" claims)?
+    Returns (agrees, or None if not measured or both within `noise` of 0, a phrase)."""
     a, b = rows.get(better, {}).get(metric), rows.get(worse, {}).get(metric)
     if a is None or b is None:
         return None, f"{metric}: {better} vs {worse} not measured"
+    if noise and abs(a[0]) < noise and abs(b[0]) < noise:
+        return None, (f"{metric} {better} {a[0]:.4f} vs {worse} {b[0]:.4f}: no signal (both "
+                      f"within {noise:g} of 0), no direction")
     diff = (b[0] - a[0]) if lower_is_better else (a[0] - b[0])
     spread = max((a[1] or 0.0), (b[1] or 0.0))
-    agrees = diff > 0
+    agrees = diff > (-spread if no_worse else 0.0)
+    if no_worse:
+        return agrees, (f"{metric} {better} {a[0]:.4f} vs {worse} {b[0]:.4f}: "
+                        f"{'agrees' if agrees else 'disagrees'} (claim: no worse, up to the "
+                        f"seed spread {spread:.4f})")
     strength = "" if spread == 0 else (" (beyond the seed spread)" if abs(diff) > spread
                                        else " (within the seed spread)")
     return agrees, (f"{metric} {better} {a[0]:.4f} vs {worse} {b[0]:.4f}: "

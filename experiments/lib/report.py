@@ -80,6 +80,12 @@ def markdown_table(rows: dict, metrics: Sequence[str], group_by: str) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _main_ce(record: dict[str, Any]) -> float:
+    """The main head's training CE of a metrics.jsonl record (a number, or [main, mtp...])."""
+    ce = record.get("ce", record.get("loss"))
+    return float(ce[0] if isinstance(ce, list) else ce)
+
+
 def _plot_sweep(sweep_name: str, runs: list[dict], rows: dict, metrics: Sequence[str],
                 group_by: str, out_prefix: str) -> list[str]:
     import matplotlib
@@ -97,20 +103,21 @@ def _plot_sweep(sweep_name: str, runs: list[dict], rows: dict, metrics: Sequence
         curves = []
         for r in members:
             steps = [m["step"] for m in r["train_metrics"]]
-            ce = [m["ce"][0] if isinstance(m.get("ce"), list) else m.get("loss")
-                  for m in r["train_metrics"]]
+            ce = [_main_ce(m) for m in r["train_metrics"]]
             if steps:
                 curves.append(dict(zip(steps, ce, strict=True)))
         if not curves:
             continue
         common = sorted(set.intersection(*(set(c) for c in curves)))
+        common = [s for s in common if s > 0.2 * common[-1]]  # skip the first fifth: scale
         mean = np.array([np.mean([c[s] for c in curves]) for s in common])
         k = max(1, len(mean) // 20)  # moving average over ~5% of the run
         smooth = np.convolve(mean, np.ones(k) / k, mode="valid")
         ax.plot(common[k - 1:], smooth, label=f"{row} (n={len(curves)})")
     ax.set_xlabel("step")
     ax.set_ylabel("training main-head CE (nats/token)")
-    ax.set_title(f"{sweep_name}: training loss (mean over seeds, smoothed)")
+    ax.set_title(f"{sweep_name}: training loss after the first fifth (seed mean, smoothed)",
+                 fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     path = f"{out_prefix}_loss.png"
@@ -182,7 +189,9 @@ def write_report(sweep_names: Sequence[str], *, scale: str = "tiny", root: str =
         for name in names:
             if name not in all_sweeps:
                 raise ExperimentError(f"no sweep named {name!r}; have {sorted(all_sweeps)}")
-            found = [load_run(d) for d in find_runs(root, scale, name)]
+            order = {e.name: i for i, e in enumerate(all_sweeps[name].experiments)}
+            found = sorted((load_run(d) for d in find_runs(root, scale, name)),
+                           key=lambda r: order.get(r["experiment"], len(order)))
             if found:
                 sections.append((all_sweeps[name], found))
         if not sections:

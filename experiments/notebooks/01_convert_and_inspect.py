@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,7 +29,8 @@ CHECKPOINT = None  # None: make the tiny checkpoint; else a release/HF directory
 OUT_DIR = None  # where the conversions go (None: a temp folder)
 MESH = ""  # "" = one device for the parity forward; e.g. "fsdp=-1" on a TPU VM
 TINY = True  # small sizes so that the whole notebook runs on a CPU in minutes
-CONVERT = True  # convert release -> Orbax (FP8 kept, and dequantised) -> release
+CONVERT = None  # release -> Orbax (FP8 kept; dequantised) -> release (None: when TINY;
+# the release takes ~2 x its 300+ GB in OUT_DIR)
 ROUND_TRIP_TENSORS = None  # compare this many tensors byte by byte (None: all)
 PLAN_MESH = "data=1,fsdp=-1,expert=8,tensor=1"  # the mesh to plan memory for
 PLAN_DEVICES = 64  # chips in that mesh (a v5p-128 slice has 64)
@@ -35,6 +39,7 @@ PLAN_SEQ = 8192
 PARITY = None  # compare logits with transformers (None: when TINY)
 
 # %%
+# ruff: noqa: E402  (a notebook imports in the cell that first needs it)
 import os
 import re
 import sys
@@ -54,6 +59,7 @@ import numpy as np
 
 nbs.enable_compilation_cache()
 PARITY = TINY if PARITY is None else PARITY
+CONVERT = TINY if CONVERT is None else CONVERT
 if CHECKPOINT is None:
     CHECKPOINT = nbs.tiny_checkpoint().release
 OUT_DIR = OUT_DIR or tempfile.mkdtemp(prefix="mimo-jax-convert-")

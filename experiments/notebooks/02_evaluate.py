@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -27,6 +30,7 @@ TOKENIZER = None  # None: beside the checkpoint; else a tokenizer.json (or its f
 CORPUS = None  # None: the tiny run's held-out split / "stdlib"; or files, dirs, globs, JSONL
 MESH = ""  # "" = one device; e.g. "fsdp=-1" or "data=2,fsdp=4" on a TPU VM
 DTYPE = None  # None: float32 for TINY (CPU), else the checkpoint's (bfloat16 for the release)
+KEEP_FP8 = False  # keep FP8 weights as E4M3 on device (the release: half of bf16's memory)
 TINY = True  # small sizes so that the whole notebook runs on a CPU in minutes
 SEQ_LEN = None  # rows the corpus is packed into (None: 128 tiny / 4096)
 BATCH_SIZE = None  # rows per compiled batch (None: 4 tiny / 8)
@@ -36,6 +40,7 @@ LIMIT = None  # documents per task (None: 12 tiny / all)
 OUTPUT_DIR = None  # write results.json / results.md here
 
 # %%
+# ruff: noqa: E402  (a notebook imports in the cell that first needs it)
 import os
 import sys
 import time
@@ -61,7 +66,8 @@ nbs.environment()
 # ## Load the checkpoint
 
 # %%
-opened = nbs.open_checkpoint(CHECKPOINT, tokenizer=TOKENIZER, dtype=DTYPE, mesh=MESH)
+opened = nbs.open_checkpoint(CHECKPOINT, tokenizer=TOKENIZER, dtype=DTYPE, mesh=MESH,
+                             keep_fp8=KEEP_FP8)
 model, tok = opened.model, opened.tokenizer
 if CORPUS is not None:
     from mimo_jax.eval import Corpus
@@ -73,7 +79,7 @@ else:
     from mimo_jax.eval import Corpus
 
     corpus = Corpus(source="stdlib", split="val")
-corpus
+print(corpus)
 
 # %% [markdown]
 # ## Perplexity and bits per byte, twice
@@ -87,8 +93,9 @@ from mimo_jax.eval import perplexity
 
 calls = []
 for attempt in (1, 2):
-    res = perplexity(model, corpus, tokenizer=opened.tokenizer_spec, seq_len=SEQ_LEN,
-                     batch_size=BATCH_SIZE, max_rows=MAX_ROWS)
+    with opened.activate():
+        res = perplexity(model, corpus, tokenizer=opened.tokenizer_spec, seq_len=SEQ_LEN,
+                         batch_size=BATCH_SIZE, max_rows=MAX_ROWS)
     calls.append(res)
     print(f"call {attempt}: {res.compilations} compilation(s), {res.seconds:.2f} s, "
           f"{res.tokens} tokens, ppl {res.perplexity:.3f}, {res.bits_per_byte:.4f} bits/byte")

@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -30,6 +33,7 @@ TOKENIZER = None  # None: beside the checkpoint; else a tokenizer.json (or its f
 CORPUS = None  # None: the tiny run's held-out split / "stdlib"; or files, dirs, globs, JSONL
 MESH = ""  # "" = one device; e.g. "fsdp=-1" on a TPU VM
 DTYPE = None  # None: float32 for TINY (CPU), else the checkpoint's
+KEEP_FP8 = False  # keep FP8 weights as E4M3 on device (the release: half of bf16's memory)
 TINY = True  # small sizes so that the whole notebook runs on a CPU in minutes
 SEQ_LEN = None  # packed row length (None: 128 tiny / 4096)
 BATCH_SIZE = None  # rows per compiled batch (None: 8 both)
@@ -40,6 +44,7 @@ MAX_NEW_TOKENS = None  # (None: 48 tiny / 256)
 OUTPUT_DIR = None  # save the per-position arrays (acceptance.npz) here
 
 # %%
+# ruff: noqa: E402  (a notebook imports in the cell that first needs it)
 import os
 import sys
 
@@ -65,7 +70,8 @@ nbs.environment()
 # %%
 from mimo_jax.eval import Corpus
 
-opened = nbs.open_checkpoint(CHECKPOINT, tokenizer=TOKENIZER, dtype=DTYPE, mesh=MESH)
+opened = nbs.open_checkpoint(CHECKPOINT, tokenizer=TOKENIZER, dtype=DTYPE, mesh=MESH,
+                             keep_fp8=KEEP_FP8)
 model = opened.model
 if CORPUS is not None:
     corpus = Corpus(source=CORPUS)
@@ -82,8 +88,9 @@ print(f"{K} MTP heads")
 # %%
 from mimo_jax.eval import mtp_acceptance
 
-acc = mtp_acceptance(model, corpus, tokenizer=opened.tokenizer_spec, seq_len=SEQ_LEN,
-                     batch_size=BATCH_SIZE, max_rows=MAX_ROWS)
+with opened.activate():
+    acc = mtp_acceptance(model, corpus, tokenizer=opened.tokenizer_spec, seq_len=SEQ_LEN,
+                         batch_size=BATCH_SIZE, max_rows=MAX_ROWS)
 print(f"{acc.positions} start positions, {acc.tokens} scored tokens, {acc.compilations} "
       f"compilation(s), {acc.seconds:.1f} s; main top-1 {acc.main_accuracy:.3f}, "
       f"mean entropy {acc.mean_entropy:.3f} nats")
@@ -116,8 +123,8 @@ centers = np.array([x[which == i].mean() for i in range(len(edges) - 1)])
 
 fit_abc = fit_acceptance_curve(x, lengths[K])  # a, b, c free
 fit_bc = fit_acceptance_curve(x, lengths[K], a=K + 1)  # the asymptote fixed at K + 1
-print("fit y = a (1 - b x^c): a=%.3f b=%.3f c=%.3f" % fit_abc)
-print(f"fit with a = {K + 1}: b=%.3f c=%.3f" % fit_bc[1:])
+print("fit y = a (1 - b x^c): a={:.3f} b={:.3f} c={:.3f}".format(*fit_abc))
+print(f"fit with a = {K + 1}: b={fit_bc[1]:.3f} c={fit_bc[2]:.3f}")
 
 fig, axes = nbs.figure(1, 2, figsize=(11, 4))
 rng = np.random.default_rng(0)
@@ -125,16 +132,17 @@ shown = rng.choice(len(x), size=min(len(x), 3000), replace=False)
 jitter = rng.uniform(-0.12, 0.12, size=len(shown))
 axes[0].scatter(x[shown], lengths[K][shown] + jitter, s=4, alpha=0.25, color="gray",
                 label=f"positions (K={K}, jittered)")
-grid = np.linspace(0, max(x.max(), 1e-3), 200)
+grid = np.linspace(x.min(), x.max(), 200)  # the fits, where there is data
+paper_grid = np.linspace(0, 1.557, 200)  # the paper's curve down to y = 1 (no drafts)
 for k, color in zip(range(1, K + 1), ["tab:blue", "tab:orange", "tab:green", "tab:purple"],
                     strict=False):
     means = [lengths[k][which == i].mean() for i in range(len(centers))]
     axes[0].plot(centers, means, "o-", color=color, ms=4, label=f"binned mean, K={k}")
 axes[0].plot(grid, acceptance_curve(grid, *fit_abc), "k-", lw=2,
-             label="fit a(1-bx^c): %.2f(1-%.2fx^%.2f)" % fit_abc)
+             label="fit a(1-bx^c): {:.2f}(1-{:.2f}x^{:.2f})".format(*fit_abc))
 axes[0].plot(grid, acceptance_curve(grid, *fit_bc), "k--", lw=1.5,
-             label="fit, a=%d: b=%.2f c=%.2f" % (K + 1, fit_bc[1], fit_bc[2]))
-axes[0].plot(grid, acceptance_curve(grid, 4.0, 0.58, 0.58), "r:", lw=2,
+             label=f"fit, a={K + 1}: b={fit_bc[1]:.2f} c={fit_bc[2]:.2f}")
+axes[0].plot(paper_grid, acceptance_curve(paper_grid, 4.0, 0.58, 0.58), "r:", lw=2,
              label="paper: 4(1-0.58x^0.58)")
 axes[0].set_xlabel("next-token entropy over the verified positions (nats)")
 axes[0].set_ylabel("acceptance length (1 + accepted drafts)")

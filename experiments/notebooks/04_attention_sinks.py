@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -33,12 +36,14 @@ TOKENIZER = None  # None: beside the checkpoint; else a tokenizer.json (or its f
 TEXT = None  # None: a held-out document of the tiny run's corpus / the stdlib
 MESH = ""  # "" = one device; e.g. "fsdp=-1" on a TPU VM
 DTYPE = None  # None: float32 for TINY (CPU), else the checkpoint's
+KEEP_FP8 = False  # keep FP8 weights as E4M3 on device (the release: half of bf16's memory)
 TINY = True  # small sizes so that the whole notebook runs on a CPU in minutes
 SEQ_LEN = None  # tokens of text analysed (None: 192 tiny / 512)
 SHOW_TOKENS = None  # the attention maps show the first N queries (None: SEQ_LEN)
 OUTPUT_DIR = None  # save sink_mass.npy (layers x heads) here
 
 # %%
+# ruff: noqa: E402  (a notebook imports in the cell that first needs it)
 import os
 import sys
 
@@ -62,7 +67,8 @@ DTYPE = DTYPE or ("float32" if TINY else None)
 nbs.environment()
 
 # %%
-opened = nbs.open_checkpoint(CHECKPOINT, tokenizer=TOKENIZER, dtype=DTYPE, mesh=MESH)
+opened = nbs.open_checkpoint(CHECKPOINT, tokenizer=TOKENIZER, dtype=DTYPE, mesh=MESH,
+                             keep_fp8=KEEP_FP8)
 model, tok = opened.model, opened.tokenizer
 cfg = model.cfg
 if TEXT is None:
@@ -153,7 +159,8 @@ def analyse(model, ids_bt):
     return {k: jnp.stack(v) for k, v in out.items()}
 
 
-res = jax.device_get(analyse(model, ids_bt))
+with opened.activate():
+    res = jax.device_get(analyse(model, ids_bt))
 sink_lht, maps_lts, errors = res["sink_mass"], res["maps"], res["errors"]
 reconstruction_err = float(errors.max())
 print(f"attention output rebuilt from these probabilities: max |difference| "
@@ -173,6 +180,7 @@ fig, axes = nbs.figure(1, 2, figsize=(11, 3.8))
 im = axes[0].imshow(mass_lh, aspect="auto", cmap="viridis", vmin=0, vmax=max(mass_lh.max(), 1e-6))
 axes[0].set_yticks(range(L), [f"{i} {'G' if cfg.layer_types[i] == 'full' else 'S'}"
                               for i in range(L)])
+axes[0].set_xticks(range(H))
 axes[0].set_xlabel("head")
 axes[0].set_ylabel("layer (G global, S sliding)")
 axes[0].set_title("mean sink mass per layer and head")
@@ -275,13 +283,17 @@ def compare(lp_a, lp_b):
     return kl, top1, nll_a, nll_b
 
 
-lp = log_probs(model, ids_bt)
+with opened.activate():
+    lp = log_probs(model, ids_bt)
+    lp_without = log_probs(without_sinks(), ids_bt)
+    lp_per_layer = {li: log_probs(without_sinks(li), ids_bt)
+                    for li in (sliding if cfg.sliding_attention.has_sink else [])}
 rows = []
-kl_all, top1_all, nll, nll_all = compare(lp, log_probs(without_sinks(), ids_bt))
+kl_all, top1_all, nll, nll_all = compare(lp, lp_without)
 rows.append({"sinks removed in": "all sliding layers", "KL (nats)": kl_all,
              "same top-1": top1_all, "NLL with": nll, "NLL without": nll_all})
-for li in sliding if cfg.sliding_attention.has_sink else []:
-    kl, top1, _, nll_wo = compare(lp, log_probs(without_sinks(li), ids_bt))
+for li, lp_li in lp_per_layer.items():
+    kl, top1, _, nll_wo = compare(lp, lp_li)
     rows.append({"sinks removed in": f"layer {li}", "KL (nats)": kl, "same top-1": top1,
                  "NLL with": nll, "NLL without": nll_wo})
 nbs.show_table(rows)

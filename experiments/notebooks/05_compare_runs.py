@@ -1,9 +1,12 @@
 # ---
 # jupyter:
 #   jupytext:
+#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -33,6 +36,7 @@ SMOOTH = 0.8  # exponential smoothing of the training loss curves (0 = none)
 OUTPUT_DIR = None  # write runs.md (the tables) here
 
 # %%
+# ruff: noqa: E402  (a notebook imports in the cell that first needs it)
 import json
 import os
 import sys
@@ -75,8 +79,6 @@ print(f"{len(runs)} run directories under {os.path.abspath(RUNS_ROOT)}")
 
 # %%
 if not runs and TINY:
-    import dataclasses
-
     from mimo_jax.train import TrainConfig, train
 
     tiny = nbs.tiny_checkpoint()
@@ -95,6 +97,7 @@ if not runs and TINY:
     for name, change in variants.items():
         run_dir = os.path.join(RUNS_ROOT, "tiny", "notebook", name)
         tc = base.override(change)
+        cpu0 = nbs.cpu_seconds()
         result = train(tc, run_dir)
         labels = {"variant": name, "seed": tc.seed}
         with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -103,8 +106,8 @@ if not runs and TINY:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump({"experiment": f"notebook/{name}", "labels": labels, "step": result.step,
                        "steps": tc.steps, "tokens": result.step * tc.batch_size * tc.seq_len,
-                       "metrics": {"val_loss": result.val_loss,
-                                   "perplexity": result.val_perplexity}}, f, indent=2)
+                       "cpu_s": nbs.cpu_seconds() - cpu0,
+                       "metrics": {"perplexity": result.val_perplexity}}, f, indent=2)
         runs.append(run_dir)
 if not runs:
     raise FileNotFoundError(f"no run directories (metrics.jsonl) under {RUNS_ROOT}; pass RUNS "
@@ -163,7 +166,7 @@ def smooth(values, alpha: float):
 
 fig, axes = nbs.figure(1, 2, figsize=(12, 4))
 colors = {}
-for i, r in enumerate(loaded):
+for r in loaded:
     color = colors.setdefault(r["labels"].get("variant", r["name"]), f"C{len(colors) % 10}")
     steps = [x["step"] for x in r["train"]]
     axes[0].plot(steps, smooth([x["loss"] for x in r["train"]], SMOOTH), color=color,
@@ -189,9 +192,11 @@ nbs.show(fig, "compare_runs_loss")
 metric_names = sorted({k for r in loaded for k, v in r["metrics"].items()
                        if isinstance(v, int | float) and not isinstance(v, bool)})
 table = [{"run": r["name"], "steps": r["steps"], "final train loss": r["final_train_loss"],
-          "val loss": r["final_val_loss"], **{m: r["metrics"].get(m) for m in metric_names},
-          "CPU s": r["cpu_s"], "commit": r["commit"]} for r in loaded]
-nbs.show_table(table)
+          "val loss (training's batches)": r["final_val_loss"],
+          **{m: r["metrics"].get(m) for m in metric_names}, "CPU s": r["cpu_s"],
+          "commit": r["commit"]} for r in loaded]
+columns = [c for c in table[0] if any(row[c] not in (None, "") for row in table)]
+nbs.show_table(table, columns)
 
 groups: dict[str, list[dict]] = {}
 for r in loaded:
@@ -227,7 +232,8 @@ nbs.show(fig, "compare_runs_metrics")
 if OUTPUT_DIR:
     os.makedirs(OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(OUTPUT_DIR, "runs.md"), "w") as f:
-        f.write(nbs.markdown_table(table) + "\n\n" + nbs.markdown_table(aggregate) + "\n")
+        f.write(nbs.markdown_table(table, columns) + "\n\n" + nbs.markdown_table(aggregate)
+                + "\n")
 
 # %%
 summary = nbs.report(

@@ -224,14 +224,26 @@ class Opened:
         """The training-pipeline spec of the tokenizer (BOS/EOS as training used them)."""
         return self.tokenizer.spec
 
+    def activate(self):
+        """A block in which traced model code runs over the mesh (per-shard attention, expert
+        parallelism); a no-op on one device. Trace (first call) jitted functions inside it."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from mimo_jax.sharding import ShardingRules
+        from mimo_jax.sharding.rules import activate
+
+        return activate(self.mesh, ShardingRules.preset())
+
 
 def open_checkpoint(checkpoint: str | None, *, tokenizer: str | None = None,
-                    dtype: str | None = None, mesh: str = "", log=print) -> Opened:
+                    dtype: str | None = None, mesh: str = "", keep_fp8: bool = False,
+                    log=print) -> Opened:
     """Load `checkpoint` (a release/HF dir, FP8 included; an Orbax dir; a training workdir),
     or make the tiny one when it is None, with its tokenizer.
 
     mesh: "" for one device, else a mesh spec ("fsdp=-1", "data=2,fsdp=4"): parameters are
-    placed directly in their shards."""
+    placed directly in their shards (with the preset sharding rules).
+    keep_fp8: keep FP8 weights as E4M3 on device (half the memory of bfloat16)."""
     import mimo_jax
     from mimo_jax.eval.tokenizer import resolve_tokenizer
     from mimo_jax.sharding import make_mesh
@@ -243,7 +255,7 @@ def open_checkpoint(checkpoint: str | None, *, tokenizer: str | None = None,
     checkpoint = os.path.abspath(os.path.expanduser(os.fspath(checkpoint)))
     mesh_obj = make_mesh(mesh) if mesh else None
     t0 = time.perf_counter()
-    model = mimo_jax.load(checkpoint, dtype=dtype, mesh=mesh_obj)
+    model = mimo_jax.load(checkpoint, dtype=dtype, mesh=mesh_obj, keep_fp8=keep_fp8)
     seconds = time.perf_counter() - t0
     tok = resolve_tokenizer(checkpoint, tokenizer)
     cfg = model.cfg

@@ -61,7 +61,10 @@ def _kernel(qoff_ref, len_ref, q_ref, k_ref, v_ref, kpos_ref, o_ref, lse_ref, m_
         scores = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * scale
         rows = r * block_r + jax.lax.broadcasted_iota(jnp.int32, (block_r, 1), 0)
-        qpos = qoff_ref[b] + rows // g
+        # Row t*G + j holds query t: t = floor((row + 0.5) / G), exact in float32 (rows < 2^23)
+        # and free of vector integer division.
+        q_index = jnp.floor((rows.astype(jnp.float32) + 0.5) * (1.0 / g)).astype(jnp.int32)
+        qpos = qoff_ref[b] + q_index
         slots = j * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         kpos = kpos_ref[...]  # [1, block_k]
         allowed = (kpos >= 0) & (kpos <= qpos) & (slots < length)
