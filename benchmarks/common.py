@@ -1,4 +1,11 @@
-"""Shared bits for benchmark scripts: machine description, timing, and result files."""
+"""Shared bits for benchmark scripts: machine description, fair timing, and result files.
+
+Every timing is the median of at least `MIN_REPEATS` runs after `warmup` untimed runs, the
+same statistic on both sides of a comparison; every result records the load average when the
+benchmark started and when it wrote its results, and the torch thread count where torch is
+used. `QUICK` (env MIMO_BENCH_QUICK=1, set by `run_all.sh --quick`) asks for small smoke-test
+sizes; results then go to MIMO_BENCH_RESULTS (a scratch directory), never over the real ones.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,32 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = os.environ.get("MIMO_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__),
+                                                               "results")
+QUICK = os.environ.get("MIMO_BENCH_QUICK", "") not in ("", "0")
+MIN_REPEATS = 5
+_LOAD_AT_START = os.getloadavg()  # this module is imported when a benchmark starts
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op thread count, if this benchmark imported torch (else None)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def conditions() -> dict[str, object]:
+    """What the machine was doing: load averages at start and now, torch threads."""
+    return {"load_avg_start": [round(x, 2) for x in _LOAD_AT_START],
+            "load_avg_end": load_average(), "torch_threads": torch_threads()}
 
 
 def machine() -> dict[str, str | int]:
@@ -27,18 +56,39 @@ def machine() -> dict[str, str | int]:
             "backend": jax.default_backend(), "python": platform.python_version()}
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+def time_runs(fn: Callable[[], object], repeats: int = MIN_REPEATS, warmup: int = 1,
+              setup: Callable[[], object] | None = None) -> list[float]:
+    """Seconds of each of max(repeats, MIN_REPEATS) timed calls of `fn`, after `warmup`
+    untimed ones. `setup` (untimed) runs before every call, warm-up included."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, MIN_REPEATS)):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = MIN_REPEATS, warmup: int = 1) -> float:
+    """Median seconds of `fn` over max(repeats, MIN_REPEATS) runs after `warmup` runs."""
+    return statistics.median(time_runs(fn, repeats, warmup))
+
+
+def summary(times: list[float]) -> dict[str, float | int]:
+    """Median, min, max and count of a list of run times (for the JSON results)."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "runs": len(times)}
 
 
 def write_results(name: str, title: str, header: list[str], rows: list[list], extra: dict) -> str:
-    """Print a markdown table and write it (plus JSON) to benchmarks/results/NAME.{md,json}."""
-    info = machine()
+    """Print a markdown table and write it (plus JSON) to RESULTS/NAME.{md,json}, with the
+    machine and the run's conditions (load averages, torch threads)."""
+    info = {**machine(), **conditions()}
     lines = [f"# {title}", "", " | ".join(f"{k}: {v}" for k, v in info.items()), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

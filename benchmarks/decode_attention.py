@@ -5,26 +5,30 @@ global cache filled to `length`; sliding layers: 8 KV heads, a 129-slot ring, si
 
     python benchmarks/decode_attention.py [--seq 32768] [--repeats 20]
 
-On CPU only the XLA implementation is timed (Pallas runs interpreted there). Writes
-benchmarks/results/decode_attention_<backend>.{md,json}.
+On CPU only the XLA implementation is timed (Pallas runs interpreted there). Each
+implementation and the reference (every score materialised) are timed the same way in the same
+run: median of >= 5 jitted calls after a warm-up call; load averages at start and end are
+recorded. Writes benchmarks/results/decode_attention_<backend>.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import os
 import statistics
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.decode import cached_attention
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import QUICK, RESULTS, conditions, time_runs  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from pallas_kernels.decode import cached_attention  # noqa: E402
 
 
 def inputs(b, t, hq, hkv, dqk, dv, s, length, *, ring, dtype, seed=0):
@@ -79,28 +83,30 @@ def run_case(name, b, t, s, length, *, ring, window, sinks, repeats, check_seq):
         err = float(np.max(np.abs(got - want)))
         # Timing at the full size in bf16.
         kw = inputs(b, t, hq, hkv, dqk, dv, s, length, ring=ring, dtype=jnp.bfloat16)
-        fn = functools.partial(attend, kw, sk, impl=impl, window=window)
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - t0)
-        sec = statistics.median(times)
+        secs = {}
+        for which in (impl, "reference"):
+            fn = functools.partial(attend, kw, sk, impl=which, window=window)
+            secs[which] = statistics.median(time_runs(lambda fn=fn: jax.block_until_ready(fn()),
+                                                      repeats, warmup=1))
+        sec = secs[impl]
         read = b * hkv * min(length, s) * (dqk + dv) * 2
         rows.append(dict(case=name, impl=impl, batch=b, queries=t, slots=s, length=length,
                          max_abs_err_f32=err, microseconds=sec * 1e6,
+                         reference_microseconds=secs["reference"] * 1e6,
+                         speedup_vs_reference=secs["reference"] / sec,
                          cache_gbytes_per_s=read / sec / 1e9))
-        print(f"{name} B={b} T={t} {impl}: err {err:.2e}, {sec * 1e6:.0f} us, "
+        print(f"{name} B={b} T={t} {impl}: err {err:.2e}, {sec * 1e6:.0f} us "
+              f"({secs['reference'] / sec:.2f}x the reference), "
               f"{read / sec / 1e9:.0f} GB/s of cache", flush=True)
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=int, default=32768, help="global cache slots")
+    ap.add_argument("--seq", type=int, default=1024 if QUICK else 32768,
+                    help="global cache slots")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--check-seq", type=int, default=1024)
+    ap.add_argument("--check-seq", type=int, default=256 if QUICK else 1024)
     args = ap.parse_args()
     rows = []
     for b, t in ((1, 1), (1, 4), (8, 1), (8, 4)):
@@ -110,22 +116,33 @@ def main() -> None:
                          repeats=args.repeats, check_seq=args.check_seq)
     backend = jax.default_backend()
     dev = jax.devices()[0].device_kind
+    cond = conditions()
     md = [f"# Cached attention on {backend} ({dev}), jax {jax.__version__}", "",
           "64 query heads, head dims 192 / 128, bf16 cache; error: max |impl - reference| in "
           f"float32 (global check on {args.check_seq} slots); time: median of "
-          f"{args.repeats} jitted calls.", "",
-          "| layer | impl | batch | queries | cache slots | filled | error | us | cache GB/s |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          f"{max(args.repeats, 5)} jitted calls after a warm-up, the reference timed the same "
+          f"way in the same run. Load average at start {cond['load_avg_start']}, at end "
+          f"{cond['load_avg_end']}.", "",
+          "| layer | impl | batch | queries | cache slots | filled | error | us | reference us "
+          "| vs reference | cache GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['case']} | {r['impl']} | {r['batch']} | {r['queries']} | {r['slots']} | "
            f"{min(r['length'], r['slots'])} | {r['max_abs_err_f32']:.1e} | "
-           f"{r['microseconds']:.0f} | {r['cache_gbytes_per_s']:.0f} |" for r in rows]
+           f"{r['microseconds']:.0f} | {r['reference_microseconds']:.0f} | "
+           f"{r['speedup_vs_reference']:.2f}x | {r['cache_gbytes_per_s']:.0f} |" for r in rows]
+    glob = [r for r in rows if r["case"] == "global" and r["impl"] != "reference"]
+    best = glob[-1]
+    headline = (f"{best['impl']} {best['speedup_vs_reference']:.2f}x the reference, global "
+                f"layer B={best['batch']} T={best['queries']}, {best['slots']} slots "
+                f"({best['microseconds']:.0f} us)")
     text = "\n".join(md) + "\n"
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"decode_attention_{backend}.md"), "w") as f:
         f.write(text)
     with open(os.path.join(RESULTS, f"decode_attention_{backend}.json"), "w") as f:
-        json.dump({"backend": backend, "device": dev, "jax": jax.__version__, "rows": rows},
+        json.dump({"backend": backend, "device": dev, "jax": jax.__version__, "rows": rows,
+                   "headline": headline, "meta": {"date": datetime.datetime.now(
+                       datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), **cond, "quick": QUICK}},
                   f, indent=1)
 
 

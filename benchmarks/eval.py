@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_results  # noqa: E402
+from common import MIN_REPEATS, QUICK, time_runs, write_results  # noqa: E402
 
 HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
                  moe_intermediate_size=160, num_hidden_layers=8, num_attention_heads=6,
@@ -82,22 +82,19 @@ def load_avg() -> str:
 
 
 def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    """max(repeats, 5) timed runs; the caller has already run `fn` once as the warm-up."""
+    return time_runs(fn, repeats, warmup=0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="24 requests, 2 repeats (smoke test)")
+    ap.add_argument("--quick", action="store_true", help="24 requests (smoke test)")
     args = ap.parse_args()
-    if args.quick:
-        args.requests, args.repeats = 24, 2
+    if args.quick or QUICK:
+        args.requests = 24
+    args.repeats = max(args.repeats, MIN_REPEATS)
 
     from lm_eval.models.huggingface import HFLM
 

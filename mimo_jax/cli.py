@@ -20,6 +20,7 @@ _COMMANDS = [
     "mimo_jax.commands.demo",
     "mimo_jax.commands.generate",
     "mimo_jax.commands.eval",
+    "mimo_jax.commands.mopd",
 ]
 
 

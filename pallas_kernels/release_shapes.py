@@ -106,3 +106,52 @@ class RaggedCase:
 
 
 RAGGED_CASES = [RaggedCase(k=4096, n=2048), RaggedCase(k=2048, n=4096)]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCase:
+    """Cached attention at serving shapes: `queries` per row (1 = decode, 4 = verifying 3 MTP
+    drafts) over a cache of `slots` (the sliding layers' 128-slot ring, or a global cache)
+    plus the chunk's own keys; bf16 cache, as generation keeps it."""
+
+    kv_heads: int
+    slots: int
+    window: int | None
+    sinks: bool
+    queries: int = 1
+    batch: int = 8
+
+    @property
+    def name(self) -> str:
+        kind = "global" if self.window is None else f"ring{self.slots}_w{self.window}"
+        return f"decode_{kind}_hkv{self.kv_heads}_t{self.queries}_b{self.batch}"
+
+    def args(self) -> list[jax.ShapeDtypeStruct | None]:
+        sds, bf16, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
+        b, t, s, h = self.batch, self.queries, self.slots, self.kv_heads
+        return [sds((b, t, HEADS, HEAD_DIM), bf16), sds((b, h, s, HEAD_DIM), bf16),
+                sds((b, h, s, V_HEAD_DIM), bf16), sds((b, s), i32),
+                sds((b, t, h, HEAD_DIM), bf16), sds((b, t, h, V_HEAD_DIM), bf16),
+                sds((b, t), i32), sds((b,), i32), sds((b,), i32),
+                sds((HEADS,), jnp.float32) if self.sinks else None]
+
+    def forward(self, implementation: str):
+        """`implementation`: "pallas_gpu" or "pallas_tpu", compiled (never interpreted)."""
+        from pallas_kernels.decode import IMPLEMENTATIONS
+
+        impl = IMPLEMENTATIONS[implementation]
+
+        def f(q, k_cache, v_cache, cache_pos, k_new, v_new, new_pos, q_offset, length, sinks):
+            return impl(q, k_cache, v_cache, cache_pos, k_new, v_new, new_pos,
+                        q_offset=q_offset, cache_length=length, sinks=sinks,
+                        window=self.window, scale=HEAD_DIM**-0.5, interpret=False)
+
+        return f
+
+
+DECODE_CASES = [
+    DecodeCase(kv_heads=8, slots=128, window=128, sinks=True),  # sliding layers, decode
+    DecodeCase(kv_heads=8, slots=128, window=128, sinks=True, queries=4),  # verify K = 3
+    DecodeCase(kv_heads=4, slots=32768, window=None, sinks=False),  # global layers, 32K
+    DecodeCase(kv_heads=4, slots=32768, window=None, sinks=False, queries=4),
+]

@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(
     from mimo_jax.inference import generate
     from mimo_jax.train.optimizer import make_optimizer
     from mimo_jax.train.step import make_train_step
+    import mimo_jax.eval  # perplexity, passkey, MTP acceptance: no Grain until a corpus is packed
 
     cfg = mimo_jax.ModelConfig.tiny(num_layers=2, num_mtp_layers=1, vocab_size=64,
                                     hidden_size=32, intermediate_size=48,

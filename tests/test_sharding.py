@@ -50,7 +50,7 @@ def test_presets():
 
 def test_make_mesh():
     mesh = sh.make_mesh("data=1,fsdp=-1,expert=4,tensor=1")
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1}
     for bad, match in [("fsdp=-1,expert=-1", "at most one"), ("fsdp=3", "needs 3 devices"),
                        ("fsdp=x", "bad mesh spec"), ("pipeline=8", "unknown mesh axes"),
                        ("fsdp=-1,expert=3", "cannot be split")]:

@@ -120,7 +120,7 @@ def run_experiment(exp: Experiment, scale_name: str | None = None, *, sets: list
     attempts = rundir.read_jsonl(rundir.join(run_dir, "attempts.jsonl")) + [end]
     summary = {
         "experiment": exp.name, "scale": scale.name, "labels": dict(exp.labels),
-        "step": result.step, "steps": tc.steps, "tokens": result.step * tc.batch_size * tc.seq_len,
+        "step": result.step, "steps": tc.total_steps, "tokens": _tokens(tc, result.step),
         "train_loss_last": result.losses[-1] if result.losses else None,
         "train_val_loss": result.val_loss,
         "cpu_s": sum(a.get("cpu_s", 0.0) for a in attempts if a.get("event") == "end"),
@@ -134,6 +134,15 @@ def run_experiment(exp: Experiment, scale_name: str | None = None, *, sets: list
         rundir.write_json(rundir.join(run_dir, "summary.json"), summary)
     log(f"done {exp.name}: step {result.step}, cpu {cpu:.0f} s, wall {wall:.0f} s")
     return summary
+
+
+def _tokens(tc, step: int) -> int:
+    """Tokens trained up to `step`, stage by stage (each has its own batch x length)."""
+    total, start = 0, 0
+    for stc in tc.stage_configs():
+        total += max(min(step, stc.steps) - start, 0) * stc.batch_size * stc.seq_len
+        start = stc.steps
+    return total
 
 
 def _jsonable(x: Any) -> Any:

@@ -208,6 +208,16 @@ def check_memory(tc: TrainConfig, scale: Scale, *, host_bytes: int | None = None
     from mimo_jax.sharding.mesh import mesh_shape
     from mimo_jax.sharding.rules import ShardingRules
 
+    if tc.stages:  # every training stage must fit; the plan of the largest is returned
+        tc.validate(tc.model_config())
+        plans = []
+        for i, stc in enumerate(tc.stage_configs(), start=1):
+            try:
+                plans.append(check_memory(stc, scale, host_bytes=host_bytes))
+            except ExperimentError as e:
+                raise ExperimentError(f"stage {i} (seq_len {stc.seq_len}, batch "
+                                      f"{stc.batch_size}, mesh {stc.mesh!r}): {e}") from None
+        return max(plans, key=lambda p: p.train_total)
     cfg = tc.model_config()
     tc.validate(cfg)
     devices = scale.chips

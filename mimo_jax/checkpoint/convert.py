@@ -2,7 +2,11 @@
 
 hf-to-orbax reads one released tensor (or one row slab of a large one) at a time, in file
 order, and writes it straight into its slot of the stacked Orbax array: host memory holds a
-tensor and one bounded TensorStore transaction, never a stacked group or the model.
+bounded read-ahead and two bounded TensorStore transactions, never a stacked group or the
+model. It is a pipeline: worker threads map tensors (no copy), dequantise and transpose them
+into the model's layout in one pass (`fp8.dequantize_into`), in file order but ahead of the
+writer (`pipeline.ordered_map`, a byte budget); the writer fills one transaction while the
+previous one commits (`orbax_io.SlabWriter`), and the output is fsynced once at the end.
 orbax-to-hf reads one parameter (one expert of a stacked one) at a time and streams it into
 pre-planned safetensors shards.
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -34,6 +39,7 @@ from mimo_jax.checkpoint.orbax_io import (
     step_config,
     training_step_dir,
 )
+from mimo_jax.checkpoint.pipeline import ordered_map
 from mimo_jax.checkpoint.release import (
     SCALE_SUFFIX,
     ReleaseReader,
@@ -51,6 +57,7 @@ QUANTIZED = re.compile(r".*(self_attn\.[qkv]_proj|mlp\.(gate|up|down)_proj|mlp\.
                        r"(gate|up|down)_proj)\.weight$")
 _ROUTER = re.compile(r".*mlp\.gate\.(weight|e_score_correction_bias)$")
 SLAB_BYTES = 64 << 20  # larger plain 2-D tensors (embeddings, lm_head) are read in row slabs
+READ_AHEAD_BYTES = 256 << 20  # read + laid out ahead of the writer (bounds the memory held)
 EXPERT_KINDS = ("experts_gate_up", "experts_down")
 
 
@@ -179,32 +186,124 @@ def _fill_params(reader: ReleaseReader, groups: dict[Path, list[TensorMap]],
             else:
                 units.append((*reader.offset(m.hf_names[0]), path, m, None))
     units.sort(key=lambda u: (u[0], u[1], str(u[4])))
-    for _, _, path, m, part in units:
+
+    def names_of(m: TensorMap, part) -> tuple[str, ...]:
+        if part is not None and part[0] == "e":
+            _, e, per = part
+            return m.hf_names[per * e : per * (e + 1)]
+        return m.hf_names
+
+    def source_bytes(m: TensorMap, part) -> int:
+        if part is not None and part[0] == "rows":
+            name = m.hf_names[0]
+            return reader.nbytes(name) * (part[2] - part[1]) // reader.ckpt.shape(name)[0]
+        return sum(_source_bytes(reader, n) for n in names_of(m, part))
+
+    def produce(unit) -> tuple[Path, tuple, np.ndarray, int]:
+        _, _, path, m, part = unit
         shape, dtype = shapes[path]
         lead = () if m.block is None else (m.block,)
         pshape = shape[len(lead):]
         if part is None:
-            tensors = [reader.read(n) for n in m.hf_names]
-            value, index = to_model(m.kind, tensors, pshape), lead
+            value, index = _laid_out(reader, m.kind, m.hf_names, pshape, dtype), lead
         elif part[0] == "e":
-            _, e, per = part
-            names = m.hf_names[per * e : per * (e + 1)]
-            tensors = [reader.read(n) for n in names]
-            value = to_model(m.kind, tensors, (1, *pshape[1:]))[0]
-            index = (*lead, e)
+            value = _laid_out(reader, m.kind, names_of(m, part), (1, *pshape[1:]), dtype)[0]
+            index = (*lead, part[1])
         else:
             _, a, b = part
-            tensors = [reader.read(m.hf_names[0], (a, b))]
+            slab = reader.ckpt.file_of(m.hf_names[0]).map(m.hf_names[0], (a, b))
             if m.kind == "copy":
-                value, index = tensors[0], (*lead, slice(a, b))
+                value, index = _cast(slab, dtype), (*lead, slice(a, b))
             else:  # linear: released rows are our columns
-                value, index = tensors[0].T, (*lead, slice(None), slice(a, b))
-        writer.write(path, index, np.asarray(value).astype(dtype, copy=False))
-        if part is not None and part[0] == "rows":
-            bar.update(tensors[0].nbytes)
-        else:
-            bar.update(sum(_source_bytes(reader, n) for n in (
-                m.hf_names if part is None else m.hf_names[part[2] * part[1]:][: part[2]])))
+                value = np.empty(slab.shape[::-1], dtype)
+                _transpose_into(value, slab)
+                index = (*lead, slice(None), slice(a, b))
+        return path, index, value, source_bytes(m, part)
+
+    def unit_bytes(unit) -> int:
+        _, _, path, m, part = unit
+        shape, dtype = shapes[path]
+        if part is None:
+            n = math.prod(shape[0 if m.block is None else 1:])
+        elif part[0] == "e":
+            n = math.prod(shape[2 if m.block is not None else 1:])
+        else:  # a row slab of the released matrix, whichever way it is laid out
+            rows = reader.ckpt.shape(m.hf_names[0])[0]
+            n = math.prod(shape[0 if m.block is None else 1:]) // rows * (part[2] - part[1])
+        return n * dtype.itemsize + source_bytes(m, part)
+
+    # closing(): on an error the workers stop now, not when the traceback is dropped
+    with contextlib.closing(ordered_map(produce, ((u, unit_bytes(u)) for u in units),
+                                        budget_bytes=READ_AHEAD_BYTES)) as done:
+        for path, index, value, nbytes in done:
+            writer.write(path, index, value)
+            bar.update(nbytes)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def _transpose_into(out: np.ndarray, x: np.ndarray) -> None:
+    """out[...] = x.T (2-D, `out` may be strided), in row slabs that stay in the cache."""
+    same = x.dtype == out.dtype
+    src = x.view(_UINT[x.dtype.itemsize]) if same else x
+    dst = out.view(_UINT[out.dtype.itemsize]) if same else out
+    step = max(1, min(128, (1 << 19) // max(1, x.shape[1])))
+    for a in range(0, x.shape[0], step):
+        dst[:, a : a + step] = src[a : a + step].T
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _fp8_tensor(reader: ReleaseReader, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(memory-mapped payload, scale rows, row -> scale-row map) of one FP8 tensor."""
+    payload = reader.ckpt.file_of(name).map(name)
+    scale = reader.ckpt.file_of(name + SCALE_SUFFIX).read(name + SCALE_SUFFIX)
+    row_map, k_scale = reader.row_map(name)
+    if k_scale is not None:  # per-head V: row indices point into [k_scale; v_scale]
+        scale = np.concatenate([k_scale, scale])
+    return payload, scale, row_map
+
+
+def _put_transposed(reader: ReleaseReader, out2d: np.ndarray, name: str) -> None:
+    """out2d[...] = released tensor `name`.T, dequantised (in the same pass) if FP8."""
+    if reader.is_fp8(name):
+        fp8.dequantize_into(out2d, *_fp8_tensor(reader, name), transposed=True)
+    else:
+        _transpose_into(out2d, reader.ckpt.file_of(name).map(name))
+
+
+def _laid_out(reader: ReleaseReader, kind: str, names: tuple[str, ...],
+              shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`to_model(kind, [tensors of names], shape)` cast to `dtype`, built straight from the
+    files: every layout but "copy" is the released [out, in] matrix transposed (reshaped),
+    so each tensor is read, dequantised and transposed into its slot in one pass."""
+    if kind == "copy":
+        name, = names
+        if reader.is_fp8(name):
+            out = np.empty(shape, dtype)
+            fp8.dequantize_into(out, *_fp8_tensor(reader, name))
+            return out
+        return _cast(reader.ckpt.file_of(name).map(name), dtype)
+    out = np.empty(shape, dtype)
+    if kind == "linear":  # [out, in] -> [in, out]
+        _put_transposed(reader, out, names[0])
+    elif kind == "heads_in":  # [n*h, d] -> [d, n, h]
+        _put_transposed(reader, out.reshape(shape[0], -1), names[0])
+    elif kind == "heads_out":  # [d, n*h] -> [n, h, d]
+        _put_transposed(reader, out.reshape(-1, shape[-1]), names[0])
+    elif kind == "experts_gate_up":  # E x ([f, d] gate, [f, d] up) -> [E, d, f, 2], E = 1 here
+        for e in range(shape[0]):
+            for c in (0, 1):
+                _put_transposed(reader, out[e, :, :, c], names[2 * e + c])
+    elif kind == "experts_down":  # E x [d, f] -> [E, f, d]
+        for e in range(shape[0]):
+            _put_transposed(reader, out[e], names[e])
+    else:
+        raise ValueError(f"unknown tensor kind {kind!r}")
+    return out
 
 
 def _source_bytes(reader: ReleaseReader, name: str) -> int:
@@ -227,12 +326,20 @@ def _fill_fp8(reader: ReleaseReader, groups: dict[Path, list[TensorMap]], writer
     units = [(*reader.offset(n), p, m, j, n) for p, g in groups.items() for m in g
              for j, n in enumerate(m.hf_names)]
     units.sort(key=lambda u: (u[0], u[1]))
-    for _, _, path, m, j, name in units:
-        payload, scale = reader.read_fp8(name)
-        lead = () if m.block is None else (m.block,)
-        writer.write(path + ("payload",), (*lead, j), payload)
-        writer.write(path + ("scale_inv",), (*lead, j), scale)
-        bar.update(payload.nbytes + scale.nbytes)
+
+    def produce(unit):  # payload memory-mapped: written without a copy of our own
+        _, _, path, m, j, name = unit
+        return (path, m, j, reader.ckpt.file_of(name).map(name),
+                reader.ckpt.file_of(name + SCALE_SUFFIX).read(name + SCALE_SUFFIX))
+
+    with contextlib.closing(ordered_map(
+            produce, ((u, _source_bytes(reader, u[5])) for u in units),
+            budget_bytes=READ_AHEAD_BYTES)) as done:
+        for path, m, j, payload, scale in done:
+            lead = () if m.block is None else (m.block,)
+            writer.write(path + ("payload",), (*lead, j), payload)
+            writer.write(path + ("scale_inv",), (*lead, j), scale)
+            bar.update(payload.nbytes + scale.nbytes)
 
 
 def fp8_leaf_values(fp8_dir: str, cfg: ModelConfig) -> dict[Path, np.ndarray]:

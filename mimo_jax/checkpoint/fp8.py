@@ -54,19 +54,55 @@ def dequantize(payload: np.ndarray, scale_inv: np.ndarray, row_map: np.ndarray |
                out_dtype: np.dtype | type = np.float32) -> np.ndarray:
     """fp8 [R, C] x scale [*, ceil(C/128)] -> `out_dtype`. `row_map[i]` picks the scale row of
     weight row i (default uniform); edge blocks may be partial."""
+    out = np.empty(payload.shape, out_dtype)
+    dequantize_into(out, payload, scale_inv, row_map)
+    return out
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_SLAB_ELEMS = 1 << 19  # rows per step: index + values of one slab stay in the L2 cache
+
+
+def dequantize_into(out: np.ndarray, payload: np.ndarray, scale_inv: np.ndarray,
+                    row_map: np.ndarray | None = None, *, transposed: bool = False) -> None:
+    """`dequantize` written into `out` ([R, C], or [C, R] with `transposed`: the release's
+    [out, in] written as our [in, out] in the same pass), any strides, any float dtype.
+
+    Bit-identical to `float32(fp8) * scale` rounded once to `out.dtype`: every (scale row,
+    column block) gets a 256-entry table of exactly those products, and the payload bytes
+    index it, so no float32 copy of the weight is ever made. Row slabs keep the temporaries
+    small; numpy releases the GIL in each step, so threads can dequantise side by side.
+    """
     r, c = payload.shape
     if row_map is None:
         row_map = uniform_rows(r)
     cb = math.ceil(c / BLOCK)
     if scale_inv.ndim != 2 or scale_inv.shape[1] != cb or row_map.max(initial=-1) >= len(scale_inv):
         raise ValueError(f"scale shape {scale_inv.shape} does not fit a {payload.shape} weight")
-    rows_s = np.asarray(scale_inv, np.float32)[row_map]  # [R, cb]
-    w = _LUT[payload.view(np.uint8)]
-    if c % BLOCK == 0:
-        w.reshape(r, cb, BLOCK)[...] *= rows_s[:, :, None]
-    else:
-        w *= np.repeat(rows_s, BLOCK, axis=1)[:, :c]
-    return w if np.dtype(out_dtype) == np.float32 else w.astype(out_dtype)
+    if out.shape != ((c, r) if transposed else (r, c)):
+        raise ValueError(f"output {out.shape} does not fit a {payload.shape} weight "
+                         f"({'transposed' if transposed else 'as stored'})")
+    uint = _UINT[out.dtype.itemsize]
+    # tables[s, b, code] = float32(code) * scale[s, b], rounded to the output dtype
+    tables = (_LUT * np.asarray(scale_inv, np.float32)[:, :, None]).astype(out.dtype)
+    tables = tables.view(uint).reshape(len(scale_inv), cb * 256)
+    index_dt = np.uint16 if cb * 256 <= 1 << 16 else np.int32
+    col_base = (np.arange(c) // BLOCK * 256).astype(index_dt)
+    codes = payload.view(np.uint8)
+    dst = out.view(uint)
+    # Runs of rows sharing a scale row, at most one slab each.
+    step = max(1, min(BLOCK, _SLAB_ELEMS // max(c, 1)))
+    cuts = set(range(0, r, step)) | set((np.flatnonzero(np.diff(row_map)) + 1).tolist())
+    bounds = sorted(cuts) + [r]
+    idx = np.empty((step, c), index_dt)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        n = b - a
+        np.add(codes[a:b], col_base, out=idx[:n], dtype=index_dt)
+        values = tables[row_map[a]][idx[:n]]
+        if transposed:
+            dst[:, a:b] = values.T
+        else:
+            dst[a:b] = values
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ readable by `ocp.StandardCheckpointer`, but the model is never in memory at once
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,9 +46,6 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 from flax import nnx
-from orbax.checkpoint._src.futures import future as ocp_future
-from orbax.checkpoint._src.serialization import ocdbt_utils, type_handlers, types
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from mimo_jax.core.errors import CheckpointError
 from mimo_jax.model.config import ModelConfig
@@ -73,28 +71,48 @@ def _placeholder(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> _Placeh
 
 
 class SlabWriter:
-    """Writes slabs into the arrays being saved; commits a transaction every `txn_bytes`."""
+    """Writes slabs into the arrays being saved, in TensorStore transactions of about
+    `txn_bytes`; a full transaction commits in the background while the next one fills
+    (at most `max_committing` in flight, which bounds the memory held: each holds its data).
 
-    def __init__(self, stores: dict[Path, ts.TensorStore], txn_bytes: int):
-        self.stores, self.txn_bytes = stores, txn_bytes
+    Written arrays are referenced, not copied, until their transaction commits: a caller
+    must not modify an array after passing it to `write`."""
+
+    def __init__(self, stores: dict[Path, ts.TensorStore], txn_bytes: int,
+                 max_committing: int = 1):
+        self.stores, self.txn_bytes, self.max_committing = stores, txn_bytes, max_committing
         self._txn, self._pending = ts.Transaction(), 0
+        self._committing: list[ts.Future] = []
         self.written: dict[Path, int] = dict.fromkeys(stores, 0)
 
     def write(self, path: Path, index: tuple, value: np.ndarray) -> None:
-        store = self.stores[path]
-        self._txn_store(store)[index].write(value).result()
+        store = self.stores[path].with_transaction(self._txn)
+        store[index].write(value, can_reference_source_data_indefinitely=True).result()
         self.written[path] += value.size
         self._pending += value.nbytes
         if self._pending >= self.txn_bytes:
-            self.commit()
+            self._commit_async()
 
-    def _txn_store(self, store: ts.TensorStore) -> ts.TensorStore:
-        return store.with_transaction(self._txn)
+    def _commit_async(self) -> None:
+        if self._pending:
+            self._committing.append(self._txn.commit_async())
+        self._txn, self._pending = ts.Transaction(), 0
+        while len(self._committing) > self.max_committing:
+            self._committing.pop(0).result()
 
     def commit(self) -> None:
-        if self._pending:
-            self._txn.commit_async().result()
-        self._txn, self._pending = ts.Transaction(), 0
+        """Commit what is pending and wait for every transaction in flight."""
+        self._commit_async()
+        while self._committing:
+            self._committing.pop(0).result()
+
+    def abort(self) -> None:
+        """Drop the open transaction and wait out the ones committing (errors ignored)."""
+        self._txn.abort()
+        for f in self._committing:
+            with contextlib.suppress(Exception):
+                f.result()
+        self._committing = []
 
     def check_complete(self) -> None:
         for path, n in self.written.items():
@@ -103,7 +121,12 @@ class SlabWriter:
                 raise RuntimeError(f"internal: leaf {path} got {n} of {size} elements")
 
 
-class _StreamHandler(type_handlers.NumpyHandler):
+# Each commit's files are not fsynced (that serialises the pipeline on the disk); the saved
+# directory is fsynced once at the end instead (`fsync_tree`), before it is declared valid.
+_NO_SYNC = {"file_io_sync": False}
+
+
+class _StreamHandler(ocp.type_handlers.NumpyHandler):
     """Creates the arrays of placeholder leaves (uncompressed, chosen chunks), then runs `fill`.
 
     `typestr` stays "np.ndarray", so the checkpoint restores with the standard handlers."""
@@ -118,30 +141,50 @@ class _StreamHandler(type_handlers.NumpyHandler):
         stores = {}
         for value, info, arg in zip(values, infos, args, strict=True):
             await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
-                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint),
-            ).json
+            ocdbt = bool(info.is_ocdbt_checkpoint)
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=ocdbt, global_shape=value.shape, local_shape=value.shape,
+                dtype=value.dtype, arg=arg,
+                process_index=ocp.multihost.process_index() if ocdbt else None)
             zarr = spec if spec["driver"].startswith("zarr") else spec["base"]
             zarr["metadata"]["chunks"] = list(self.chunks[value.key])
             zarr["metadata"]["compressor"] = None  # weights barely compress; zstd costs CPU
+            context = ts.Context(ts.Context.Spec(_NO_SYNC), parent=info.ts_context)
             stores[value.key] = await ts.open(ts.Spec(spec), create=True, open=True,
-                                              context=info.ts_context)
+                                              context=context)
         writer = SlabWriter(stores, self.txn_bytes)
         try:
             self.fill(writer)
             writer.commit()
             writer.check_complete()
         except BaseException as e:  # Orbax wraps errors; keep the original for the caller
+            writer.abort()
             self.error = e
             raise
 
     async def serialize(self, values, infos, args=None):
-        args = args or [types.SaveArgs()] * len(values)
-        return [ocp_future.CommitFutureAwaitingContractedSignals(
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
             self._create_and_fill(values, infos, args), name="mimo_jax_stream")]
+
+
+def fsync_tree(directory: str) -> None:
+    """fsync every file and directory under `directory` (data first, then the names)."""
+    dirs = []
+    for root, _, files in os.walk(directory):
+        dirs.append(root)
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in reversed(dirs):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def default_chunks(shape: tuple[int, ...], unit: tuple[int, ...], itemsize: int
@@ -181,6 +224,7 @@ def save_streamed(directory: str, leaves: dict[Path, tuple[tuple[int, ...], np.d
         raise
     finally:
         ckptr.close()
+    fsync_tree(os.path.abspath(directory))
 
 
 # ---------------------------------------------------------------------------- reading
@@ -199,7 +243,7 @@ class LeafReader:
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
         }
         self._open: dict[Path, ts.TensorStore] = {}
-        self._context = ts_utils.get_ts_context(use_ocdbt=self.ocdbt)
+        self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self.ocdbt)
 
     def __contains__(self, path: Path) -> bool:
         return tuple(str(k) for k in path) in self.leaves
@@ -209,8 +253,11 @@ class LeafReader:
         if path not in self._open:
             if path not in self.leaves:
                 raise CheckpointError(f"{self.directory}: no parameter {'.'.join(path)}")
-            spec = {"driver": "zarr", "kvstore": ts_utils.build_kvstore_tspec(
-                self.directory, ".".join(path), use_ocdbt=self.ocdbt)}
+            info = ocp.type_handlers.ParamInfo(name=".".join(path),
+                                               parent_dir=epath.Path(self.directory),
+                                               is_ocdbt_checkpoint=self.ocdbt,
+                                               ts_context=self._context)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.ocdbt)
             self._open[path] = ts.open(spec, open=True, read=True,
                                        context=self._context).result()
         return self._open[path]

@@ -8,6 +8,7 @@ viewed through `ml_dtypes`.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -107,6 +108,34 @@ class SafetensorsFile:
                                           f"after {got} of its {end - begin} bytes)")
                 got += n
         return out
+
+    def map(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor (or rows [a, b) of it) as a read-only array over its own memory map,
+        read in (populated) before this returns and unmapped when the array is dropped.
+
+        For streaming: no allocation, no copy, and the read itself (in the kernel, without
+        the GIL) overlaps with other threads' work; nothing stays resident afterwards."""
+        shape, dtype = self.shape(name), self.dtype(name)
+        begin, end = self._entries[name]["data_offsets"]
+        if rows is not None:
+            row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        if end == begin:
+            return np.empty(shape, dtype)
+        start = self._data_start + begin
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < self._data_start + end:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (file ends "
+                                      f"after {max(0, size - start)} of its {end - begin} bytes)")
+            os.posix_fadvise(f.fileno(), start, end - begin, os.POSIX_FADV_WILLNEED)
+            mapped = mmap.mmap(f.fileno(), self._data_start + end - base,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                               prot=mmap.PROT_READ, offset=base)
+        return np.frombuffer(mapped, np.uint8, end - begin, start - base).view(dtype).reshape(
+            shape)
 
     def get(self, name: str) -> np.ndarray:
         """A read-only memory-mapped view of one tensor (no copy until used)."""

@@ -24,14 +24,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-weights", choices=["fp8", "bf16"], default=None,
                    help="also plan serving: weights kept as FP8 (load(..., keep_fp8=True)) or "
                         "bf16, plus the bf16 KV cache of --batch sequences of --seq tokens")
+    p.add_argument("--contexts", default=None, metavar="N,N,...",
+                   help="also a long-context serving table at these context lengths (e.g. "
+                        "32768,131072,262144 or 32K,128K,256K): KV cache per device by layer "
+                        "type against an all-global model of the same shape, with "
+                        "--serve-weights (default fp8) weights and --batch sequences")
+    p.add_argument("--chip", default="H200", help="chip the long-context table checks the fit on")
     p.set_defaults(func=run)
+
+
+def parse_contexts(text: str) -> tuple[int, ...]:
+    """ "32K,128K,256K" or "32768,131072" -> token counts (K = 1024)."""
+    out = []
+    for part in text.split(","):
+        t = part.strip().upper()
+        mult = 1024 if t.endswith("K") else 1
+        t = t[:-1] if t.endswith("K") else t
+        if not t.isdigit() or int(t) < 1:
+            raise ValueError(f"--contexts wants positive lengths like 32K,128K; got {part!r}")
+        out.append(int(t) * mult)
+    return tuple(out)
 
 
 def run(args: argparse.Namespace) -> int:
     from mimo_jax import ModelConfig
     from mimo_jax.core.dtypes import jnp_dtype
     from mimo_jax.core.errors import CheckpointError
-    from mimo_jax.parallel.plan import format_plan, format_serving, plan_memory, plan_serving
+    from mimo_jax.parallel.plan import (
+        CHIPS_GIB,
+        format_long_context,
+        format_plan,
+        format_serving,
+        plan_long_context,
+        plan_memory,
+        plan_serving,
+    )
     from mimo_jax.sharding.mesh import mesh_shape
     from mimo_jax.sharding.rules import ShardingRules
 
@@ -52,6 +79,14 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_memory(cfg, shape, ShardingRules.preset(args.preset), batch=args.batch,
                            seq=args.seq, param_bytes=jnp_dtype(args.param_dtype).itemsize,
                            remat=args.remat)
+        long_plan = None
+        if args.contexts:
+            if args.chip not in CHIPS_GIB:
+                raise ValueError(f"unknown --chip {args.chip!r}; have {sorted(CHIPS_GIB)}")
+            long_plan = plan_long_context(cfg, shape, ShardingRules.preset(args.preset),
+                                          contexts=parse_contexts(args.contexts),
+                                          batch=args.batch,
+                                          weights=args.serve_weights or "fp8")
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         return fail("plan", e)
     print(f"config {args.config}, mesh {shape}, preset {args.preset}, batch {args.batch} x "
@@ -61,4 +96,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_serving(plan_serving(cfg, shape, ShardingRules.preset(args.preset),
                                           batch=args.batch, context=args.seq,
                                           weights=args.serve_weights)))
+    if long_plan is not None:
+        print(format_long_context(long_plan, args.chip))
     return 0

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("mimo_jax.data",),  # sources, tokenizers, Grain pipelines
     ("mimo_jax.inference",),  # KV caches, sampling, MTP speculation, generate()
     ("mimo_jax.train",),  # losses, optimiser, step, loop, checkpoints, metrics
+    ("mimo_jax.post_train",),  # MOPD: rollouts with routing replay, teachers, IcePop loss
     ("mimo_jax.eval",),  # lm-eval backend, perplexity, MTP acceptance, passkey
     ("mimo_jax.commands", "mimo_jax.cli", "mimo_jax"),  # the CLI and the public API
 )

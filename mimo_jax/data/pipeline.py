@@ -13,13 +13,28 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
-import grain
-import grain.experimental as gx
 import numpy as np
 
 from mimo_jax.data.sources import DataError, TextFiles
 from mimo_jax.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import grain
+
+
+def _grain():
+    """Grain, imported on first use: splitting documents and the evaluation code need no
+    Grain, and accelerator images often lack it."""
+    try:
+        import grain
+        import grain.experimental  # noqa: F401  (ConcatThenSplitIterDataset)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"the packed-token data pipeline needs Grain ({e}); install it with "
+            "`pip install 'grain>=0.2.18'` (a dependency of mimo-jax)") from e
+    return grain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +110,13 @@ def packed_dataset(
     docs, indices: list[int], tokenizer: Tokenizer, seq_len: int, *, seed: int | None
 ) -> grain.IterDataset:
     """Rows of `seq_len` packed tokens; `seed` None = one pass in order, else endless epochs."""
+    grain = _grain()
     ds = grain.MapDataset.source(_Subset(docs, indices))
     if seed is not None:
         ds = ds.shuffle(seed=seed).repeat(None)
     ds = ds.filter(lambda text: len(text) > 0).map(_Encode(tokenizer))
-    return gx.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
+    return grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(),
+                                                         length_struct={"tokens": seq_len})
 
 
 def train_iterator(

@@ -223,6 +223,7 @@ class ModelConfig:
             mlp_types = ("dense",) + ("moe",) * (n - 1)
 
         rope = hf.get("rope_parameters") or {}
+        _check_rope_types(hf)
         prf = hf.get("partial_rotary_factor", 0.334)
         full_rope = rope.get("full_attention", {})
         swa_rope = rope.get("sliding_attention", {})
@@ -358,9 +359,58 @@ class ModelConfig:
         }
 
 
+# What a training stage may change on resume (a context extension): nothing here changes a
+# parameter's shape or meaning, so a checkpoint of one stage continues in the next.
+STAGE_MODEL_FIELDS: tuple[str, ...] = (
+    "max_position_embeddings",
+    "full_attention.rope_theta",
+    "sliding_attention.rope_theta",
+    "dtype",
+)
+
+
+def stage_changes(old: ModelConfig, new: ModelConfig) -> dict[str, tuple[Any, Any]]:
+    """{field: (old, new)} of what `new` changes against `old`, all in `STAGE_MODEL_FIELDS`;
+    raises ValueError naming any other changed field (it would not fit the checkpoint)."""
+    changes: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(ModelConfig):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if isinstance(a, AttentionSpec):
+            for g in dataclasses.fields(AttentionSpec):
+                if getattr(a, g.name) != getattr(b, g.name):
+                    changes[f"{f.name}.{g.name}"] = (getattr(a, g.name), getattr(b, g.name))
+        elif a != b:
+            changes[f.name] = (a, b)
+    fixed = [k for k in changes if k not in STAGE_MODEL_FIELDS]
+    if fixed:
+        shown = ", ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in fixed[:4])
+        raise ValueError(
+            f"a training stage can change only {', '.join(STAGE_MODEL_FIELDS)} of the model "
+            f"(they keep the parameters as they are); this one changes {shown}")
+    return changes
+
+
 def default_layer_types(num_layers: int) -> tuple[str, ...]:
     """Full attention at layer 0 and every 6th layer (5, 11, ..., 47); sliding elsewhere."""
     return tuple("full" if i == 0 or (i + 1) % 6 == 0 else "sliding" for i in range(num_layers))
+
+
+def _check_rope_types(hf: dict[str, Any]) -> None:
+    """Only the plain RoPE the release uses (a per-layer-type base, no scaling) is implemented:
+    refuse a scaled one rather than silently computing different logits."""
+    rope = hf.get("rope_parameters") or {}
+    nested = [rope.get(k) for k in ("full_attention", "sliding_attention")]
+    dicts = [d for d in nested if isinstance(d, dict)] or ([rope] if rope else [])
+    legacy = hf.get("rope_scaling")
+    if isinstance(legacy, dict):
+        dicts.append(legacy)
+    for d in dicts:
+        kind = d.get("rope_type", d.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ValueError(
+                f"RoPE type {kind!r} is not supported: mimo-jax implements the release's plain "
+                "RoPE (rope_type 'default', one base per layer type); context extension "
+                "changes the base (see docs/long_context.md)")
 
 
 def read_json_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mimo_jax.model.moe_dispatch import ExpertFFNOutput, expert_ffn
-from mimo_jax.sharding.rules import active
+from mimo_jax.sharding.rules import active, axis_size
 
 
 def _nontrivial(mesh, axes) -> tuple[str, ...]:
-    return tuple(a for a in axes if mesh.shape[a] > 1)
+    return tuple(a for a in axes if axis_size(mesh, a) > 1)
 
 
 def moe_experts(
@@ -46,7 +46,8 @@ def moe_experts(
     expert_axes = _nontrivial(mesh, rules.mesh_axes("experts"))
     mlp_axes = _nontrivial(mesh, rules.mesh_axes("expert_mlp"))
     embed_axes = _nontrivial(mesh, rules.mesh_axes("embed"))
-    token_axes = _nontrivial(mesh, rules.mesh_axes("batch"))
+    # Tokens [B*T] are split over the batch axes, then the sequence's (context parallelism).
+    token_axes = _nontrivial(mesh, rules.mesh_axes("batch") + rules.mesh_axes("seq"))
     while token_axes and t % math.prod(mesh.shape[a] for a in token_axes):
         token_axes = token_axes[:-1]  # e.g. a single sequence while generating
     tokens_split_over_experts = set(expert_axes) <= set(token_axes) and expert_axes

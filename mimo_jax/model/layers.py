@@ -1,7 +1,9 @@
-"""Small building blocks: parameters with logical axes, RMSNorm, partial RoPE, dense SwiGLU."""
+"""Small building blocks: parameters with logical axes, RMSNorm, partial RoPE, dense SwiGLU,
+and `linear`, the 2-D matmul every projection goes through."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -66,6 +68,45 @@ def apply_partial_rope(
     return jnp.concatenate([x_rot, x_btnh[..., rotary_dim:]], axis=-1)
 
 
+def linear(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """Contract the last ``contract`` axes of ``x`` with the first ``contract`` axes of ``w``,
+    as one [rows, K] @ [K, N] matmul: e.g. "btd,dnh->btnh" (contract=1), "btnh,nhd->btd" (2).
+
+    Why not ``jnp.einsum``: with several batch-like axes (b, t) the weight gradient contracts
+    two axes at once and XLA:CPU then inserts transposing copies fused with the neighbouring
+    elementwise ops (measured 2.4x slower fwd+bwd for a [2, 512, 384] x [384, 4, 96]
+    projection, 2.5x for a SwiGLU MLP). Flattening to 2-D first is free (a bitcast) and gives
+    the backward plain 2-D dots. ``w`` is cast to ``x``'s dtype.
+    """
+    k_shape = x.shape[x.ndim - contract:]
+    if w.shape[:contract] != k_shape:
+        raise ValueError(f"linear: x {x.shape} and w {w.shape} disagree on the contracted axes")
+    k = math.prod(k_shape)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1).astype(x.dtype))
+    return y.reshape(*x.shape[: x.ndim - contract], *w.shape[contract:])
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up with a hand-written backward: one elementwise pass for both
+    gradients, residuals (gate, up) only."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, dy):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    d_gate = dy * up * sig * (1 + gate * (1 - sig))  # d silu(g)/dg = s + g s (1 - s)
+    return d_gate.astype(gate.dtype), (dy * gate * sig).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class DenseMLP(nnx.Module):
     """down(silu(x @ gate) * (x @ up))."""
 
@@ -77,8 +118,6 @@ class DenseMLP(nnx.Module):
         self.down_proj = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype, std=std)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        dt = x_btd.dtype
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, self.gate_proj[...].astype(dt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, self.up_proj[...].astype(dt))
-        act_btf = jax.nn.silu(gate_btf) * up_btf
-        return jnp.einsum("btf,fd->btd", act_btf, self.down_proj[...].astype(dt))
+        gate_btf = linear(x_btd, self.gate_proj[...])
+        up_btf = linear(x_btd, self.up_proj[...])
+        return linear(swiglu(gate_btf, up_btf), self.down_proj[...])

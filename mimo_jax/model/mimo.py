@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mimo_jax.model import context_parallel
 from mimo_jax.model.attention import Attention
 from mimo_jax.model.config import ModelConfig
-from mimo_jax.model.layers import DenseMLP, RMSNorm, param
+from mimo_jax.model.layers import DenseMLP, RMSNorm, linear, param
 from mimo_jax.model.moe import MoE, RouterOutput
 from mimo_jax.sharding.rules import constrain
 
@@ -116,7 +117,7 @@ class MTPHead(nnx.Module):
 
     def __call__(self, emb_btd, h_btd, positions_bt, segment_ids_bt) -> jax.Array:
         x_btd = jnp.concatenate([self.embed_norm(emb_btd), self.hidden_norm(h_btd)], axis=-1)
-        z_btd = jnp.einsum("btc,cd->btd", x_btd, self.eh_proj[...].astype(x_btd.dtype))
+        z_btd = linear(x_btd, self.eh_proj[...])
         z_btd, _ = self.layer(z_btd, positions_bt, segment_ids_bt)
         return self.final_norm(z_btd)
 
@@ -182,7 +183,7 @@ class MiMo(nnx.Module):
 
     def lm_logits(self, h_btd: jax.Array) -> jax.Array:
         w_dv = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum("...d,dv->...v", h_btd, w_dv.astype(h_btd.dtype))
+        logits = linear(h_btd, w_dv)
         return constrain(logits, (None,) * (logits.ndim - 3) + ("batch", "seq", "act_vocab"))
 
     def backbone(
@@ -234,13 +235,17 @@ class MiMo(nnx.Module):
         ids_bt: jax.Array,
         positions_bt: jax.Array,
         segment_ids_bt: jax.Array | None,
+        layout: context_parallel.SequenceLayout | None = None,
     ) -> jax.Array:
-        """[n_mtp, B, T, D]: head k at position t sees (h[t], token t+k+1)."""
+        """[n_mtp, B, T, D]: head k at position t sees (h[t], token t+k+1). With a context
+        `layout`, `ids_bt` is in the natural order and everything else in the layout's."""
         t = ids_bt.shape[1]
         outs = []
         for k, head in enumerate(self.mtp):
             shift = min(k + 1, t)
             next_ids_bt = jnp.pad(ids_bt[:, shift:], ((0, 0), (0, shift)))
+            if layout is not None:
+                next_ids_bt = layout.to_shards(next_ids_bt)
             outs.append(head(self.embed_tokens(next_ids_bt), h_btd, positions_bt, segment_ids_bt))
         return jnp.stack(outs)
 
@@ -269,12 +274,23 @@ class MiMo(nnx.Module):
         ids_bt = _check_ids(input_ids, self.cfg.vocab_size)
         if positions is None:
             positions = default_positions(ids_bt.shape, segment_ids)
-        h_btd, router = self.backbone(ids_bt, positions, segment_ids, expert_ids)
-        h_norm_btd = self.final_norm(h_btd)
-        mtp_hidden = None
-        if compute_mtp and len(self.mtp):
-            feed = h_norm_btd if self.cfg.mtp_hidden == "post_norm" else h_btd
-            mtp_hidden = self.mtp_hidden_states(feed, ids_bt, positions, segment_ids)
+        # A sequence split over the `context` mesh axis runs in the zig-zag order (balanced
+        # causal attention); the outputs go back to the natural order (context_parallel.py).
+        layout = context_parallel.sequence_layout(ids_bt.shape[1])
+        enter = (lambda x, *_: x) if layout is None else layout.to_shards  # noqa: E731
+        opt = lambda x, *a: None if x is None else enter(x, *a)  # noqa: E731
+        with context_parallel.entered(layout):
+            h_btd, router = self.backbone(enter(ids_bt), enter(positions), opt(segment_ids),
+                                          opt(expert_ids, (None, "batch", "seq", None)))
+            h_norm_btd = self.final_norm(h_btd)
+            mtp_hidden = None
+            if compute_mtp and len(self.mtp):
+                feed = h_norm_btd if self.cfg.mtp_hidden == "post_norm" else h_btd
+                mtp_hidden = self.mtp_hidden_states(feed, ids_bt, enter(positions),
+                                                    opt(segment_ids), layout)
+        if layout is not None:
+            h_norm_btd, mtp_hidden, router = layout.outputs_to_natural(
+                h_norm_btd, mtp_hidden, router)
         if not compute_logits:
             return ModelOutput(None, None, h_norm_btd, mtp_hidden, router)
         return ModelOutput(

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from mimo_jax.model.layers import swiglu
 
 
 class ExpertFFNOutput(NamedTuple):
@@ -96,7 +97,7 @@ def expert_ffn(
     h_sfc = pallas_kernels.ragged_matmul(
         x_sd, gate_up_edfc.reshape(e_local, d, 2 * f), kept_e, implementation=implementation
     ).reshape(rows, f, 2)
-    h_sf = jax.nn.silu(h_sfc[..., 0]) * h_sfc[..., 1]
+    h_sf = swiglu(h_sfc[..., 0], h_sfc[..., 1])
     y_sd = pallas_kernels.ragged_matmul(h_sf, down_efd, kept_e, implementation=implementation)
 
     valid_m = slot_m < rows

@@ -77,6 +77,9 @@ def plan_memory(
       (heads split over tensor), and for MoE the routed copies [tokens*K, D], the gate/up
       output [tokens*K, 2F/tensor] and its SwiGLU [tokens*K, F/tensor].
     Plus the loss: a float32 [loss_chunk, V/tensor] logits chunk (chunked cross-entropy).
+    With a `context` mesh axis (rules map "seq" to it) each device holds seq/context tokens
+    of its rows, and a global layer may gather one whole sequence's K/V (the all-gather
+    variant of context-parallel attention) on top of its working set.
     """
     state = nnx.state(abstract_model(cfg))
     devices = math.prod(mesh_shape.values())
@@ -94,7 +97,8 @@ def plan_memory(
     batch_ways = _usable_ways(rules.mesh_axes("batch"), mesh_shape, batch)
     tensor = _usable_ways(rules.mesh_axes("q_heads"), mesh_shape,
                           cfg.sliding_attention.num_heads)
-    tokens = batch * seq // batch_ways
+    seq_ways = _seq_ways(rules, mesh_shape, seq)
+    tokens = batch * seq // batch_ways // seq_ways
     d, k, f = cfg.hidden_size, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     spec = cfg.sliding_attention
     attn = tokens * (2 * d + (spec.num_heads * (spec.head_dim + spec.v_head_dim)
@@ -103,6 +107,10 @@ def plan_memory(
     moe = tokens * (d + k * (2 * d + 3 * f // tensor))
     dense = tokens * (d + 3 * cfg.intermediate_size // tensor)
     layer = max(attn + moe, attn + dense)
+    if seq_ways > 1:  # one layer's gathered K/V of its rows' whole sequences
+        g = cfg.full_attention
+        rows = max(batch // batch_ways, 1)
+        layer += rows * seq * g.num_kv_heads * (g.head_dim + g.v_head_dim) // tensor
     layers = cfg.num_layers + cfg.num_mtp_layers
     if remat == "full":
         acts = (layers * tokens * d + layer) * compute_bytes
@@ -224,6 +232,123 @@ def plan_serving(
     return ServingPlan(devices=devices, weights=weights, batch=batch, context=context,
                        params=per_device, kv_cache=kv, transient=transient,
                        params_total_bytes=total)
+
+
+def _seq_ways(rules: ShardingRules, mesh_shape: dict[str, int], seq: int) -> int:
+    """How many ways the sequence is split (the `context` axis); 1 for rules without "seq"."""
+    try:
+        axes = rules.mesh_axes("seq")
+    except Exception:  # rules from before context parallelism have no "seq" entry
+        return 1
+    return _usable_ways(tuple(axes), mesh_shape, seq)
+
+
+def kv_cache_bytes(
+    cfg: ModelConfig,
+    mesh_shape: dict[str, int],
+    rules: ShardingRules,
+    *,
+    batch: int,
+    context: int,
+    kv_bytes: int = 2,
+    mtp_heads: int | None = None,
+    windowed: bool = True,
+) -> dict[str, int]:
+    """Per-device KV-cache bytes of `batch` sequences of `context` tokens, by where they sit:
+    {"full": global layers (every position), "sliding": sliding layers (a ring of `window`
+    slots each), "mtp": the MTP heads' rings, "total"} (the layout of
+    `mimo_jax.inference.kv_cache`; rows over the batch axes, KV heads over the head axes where
+    they divide, as in `plan_serving`). `windowed=False`: sliding layers keep every position.
+    """
+    batch_ways = _usable_ways(rules.mesh_axes("batch"), mesh_shape, batch)
+    n_mtp = cfg.num_mtp_layers if mtp_heads is None else mtp_heads
+    out = {"full": 0, "sliding": 0, "mtp": 0}
+    for where, layer_type in [(t, t) for t in cfg.layer_types] + [("mtp", "sliding")] * n_mtp:
+        s = cfg.attention_spec(layer_type)
+        length = context if s.window is None or not windowed else min(context, s.window)
+        kv_split = _usable_ways(rules.mesh_axes("kv_heads"), mesh_shape, s.num_kv_heads)
+        out[where] += (batch // batch_ways) * length * (s.num_kv_heads // kv_split) * (
+            s.head_dim + s.v_head_dim) * kv_bytes
+    out["total"] = out["full"] + out["sliding"] + out["mtp"]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LongContextRow:
+    """Serving at one context length: the hybrid model's cache against all-global ones."""
+
+    context: int
+    kv: dict[str, int]  # kv_cache_bytes of the model as configured
+    kv_all_global: int  # every main layer global (the global layers' geometry), same MTP heads
+    kv_unwindowed: int  # every layer as configured but no window (sliding layers keep all)
+    serve_total: int  # weights + hybrid KV cache + the transient dequantised layer
+
+    @property
+    def saving(self) -> float:
+        """All-global over hybrid main-layer cache (the report's "nearly 6x")."""
+        main = self.kv["full"] + self.kv["sliding"]
+        return self.kv_all_global / main if main else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class LongContextPlan:
+    serving: ServingPlan  # at the first context (weights do not depend on it)
+    rows: tuple[LongContextRow, ...]
+
+    def fits(self, row: LongContextRow, chip: str, *, headroom: float = 0.9) -> bool:
+        return row.serve_total <= headroom * CHIPS_GIB[chip] * GIB
+
+
+def plan_long_context(
+    cfg: ModelConfig,
+    mesh_shape: dict[str, int],
+    rules: ShardingRules,
+    *,
+    contexts: tuple[int, ...] = (32_768, 131_072, 262_144),
+    batch: int = 1,
+    weights: str = "fp8",
+    kv_bytes: int = 2,
+) -> LongContextPlan:
+    """Serving memory per device at each context length, with the KV cache split by layer
+    type and compared with the same model made all-global (every main layer a global layer,
+    `kv_all_global`) and with its sliding layers un-windowed (`kv_unwindowed`)."""
+    if not contexts or min(contexts) < 1:
+        raise ValueError(f"contexts must be positive token counts, got {contexts!r}")
+    serving = plan_serving(cfg, mesh_shape, rules, batch=batch, context=contexts[0],
+                           weights=weights, kv_bytes=kv_bytes)
+    all_global = cfg.replace(layer_types=("full",) * cfg.num_layers)
+    rows = []
+    for c in contexts:
+        kv = kv_cache_bytes(cfg, mesh_shape, rules, batch=batch, context=c, kv_bytes=kv_bytes)
+        g = kv_cache_bytes(all_global, mesh_shape, rules, batch=batch, context=c,
+                           kv_bytes=kv_bytes, mtp_heads=0)
+        u = kv_cache_bytes(cfg, mesh_shape, rules, batch=batch, context=c,
+                           kv_bytes=kv_bytes, mtp_heads=0, windowed=False)
+        rows.append(LongContextRow(
+            context=c, kv=kv, kv_all_global=g["total"], kv_unwindowed=u["total"],
+            serve_total=serving.params + serving.transient + kv["total"]))
+    return LongContextPlan(serving, tuple(rows))
+
+
+def format_long_context(plan: LongContextPlan, chip: str = "H200") -> str:
+    """The table `mimo-jax plan --contexts` prints."""
+    sp = plan.serving
+    gib = CHIPS_GIB[chip]
+    out = [f"long-context serving: {sp.batch} sequence(s), {sp.weights} weights "
+           f"({sp.params / GIB:.2f} GiB per device), bf16-sized KV, {sp.devices} devices; "
+           "KV per device in GiB",
+           f"{'context':>8} {'global':>8} {'sliding':>8} {'mtp':>6} {'KV total':>9} "
+           f"{'all-global':>11} {'saving':>7} {'no-window':>10} {'serve total':>12} "
+           f"{'fits ' + chip:>10}"]
+    for r in plan.rows:
+        out.append(
+            f"{r.context:>8} {r.kv['full'] / GIB:>8.3f} {r.kv['sliding'] / GIB:>8.4f} "
+            f"{r.kv['mtp'] / GIB:>6.4f} {r.kv['total'] / GIB:>9.3f} "
+            f"{r.kv_all_global / GIB:>11.3f} {r.saving:>6.2f}x {r.kv_unwindowed / GIB:>10.3f} "
+            f"{r.serve_total / GIB:>12.2f} {'yes' if plan.fits(r, chip) else 'no':>10}")
+    out.append(f"saving = all-global main-layer KV / hybrid main-layer KV (global + sliding "
+               f"rings); fits = serve total <= 90% of {gib} GiB")
+    return "\n".join(out)
 
 
 def _is_full(cfg: ModelConfig, path: tuple) -> bool:

@@ -12,9 +12,10 @@ from mimo_jax.sharding.rules import MESH_AXES, ShardingError
 
 
 def mesh_shape(spec: str | Mapping[str, int], num_devices: int) -> dict[str, int]:
-    """Axis sizes from "data=1,fsdp=-1,expert=4,tensor=1" for `num_devices` devices.
+    """Axis sizes from "data=1,fsdp=-1,context=1,expert=4,tensor=1" for `num_devices` devices.
 
-    One axis may be -1 (the rest); omitted axes have size 1.
+    One axis may be -1 (the rest); omitted axes have size 1 (so specs written before the
+    `context` axis existed mean context=1).
     """
     if isinstance(spec, str):
         try:
@@ -44,6 +45,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
     """A mesh over all devices of all hosts from "data=1,fsdp=-1,expert=4,tensor=1".
 
     With several TPU slices the data axis spans slices (DCN), the others stay in a slice (ICI).
+    `context` sits between `fsdp` and `expert`: its ring of neighbour permutes stays on ICI.
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(mesh_shape(spec, len(devices)).values())
@@ -55,7 +57,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[jax.Device] | Non
         n = len(slices)
         if shape[0] % n:
             raise ShardingError(f"data={shape[0]} must be a multiple of the {n} slices")
-        dcn = [n, 1, 1, 1]
+        dcn = [n] + [1] * (len(MESH_AXES) - 1)
         ici = [shape[0] // n, *shape[1:]]
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
         return Mesh(grid, MESH_AXES, axis_types=auto)

@@ -2,8 +2,12 @@
 
 Every parameter carries logical `axes` metadata (see `mimo_jax.model.layers.param`); activations are
 constrained with logical names too (`constrain`). `ShardingRules` turns those names into
-`PartitionSpec`s for a mesh with axes ("data", "fsdp", "expert", "tensor"), and refuses a rule
-set that would map two dimensions of one tensor onto the same mesh axis.
+`PartitionSpec`s for a mesh with axes ("data", "fsdp", "context", "expert", "tensor"), and
+refuses a rule set that would map two dimensions of one tensor onto the same mesh axis.
+
+The `context` axis splits activations' sequence dimension (context parallelism, see
+`mimo_jax.model.context_parallel`); no parameter is ever split over it, so weights are
+replicated across it (or FSDP'd over `fsdp` as usual). A mesh without it has context=1.
 
     mesh = make_mesh("data=1,fsdp=-1,expert=4,tensor=1")
     rules = ShardingRules.preset("fsdp_expert")
@@ -25,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "expert", "tensor")
 MeshAxes = tuple[str, ...]
 
 # The full table (FSDP + tensor + expert parallelism). Other presets drop mesh axes from it.
@@ -44,14 +48,25 @@ _FULL: dict[str, MeshAxes] = {
     "layers": (),
     # activations
     "batch": ("data", "fsdp", "expert"),
-    "seq": (),
+    "seq": ("context",),  # context parallelism: never a parameter axis
     "act_embed": (),
     "act_vocab": ("tensor",),
 }
 
 
+# Logical axes that name parameter dimensions (the rest name activation dimensions).
+_PARAM_AXES = frozenset({"vocab", "embed", "embed_concat", "q_heads", "kv_heads", "head_dim",
+                         "mlp", "experts", "expert_mlp", "norm", "layers"})
+
+
 class ShardingError(ValueError):
     """A mesh or rule set that cannot shard the model as asked."""
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+    """Size of a mesh axis; 1 for an axis the mesh lacks (a mesh built by hand before the
+    `context` axis existed)."""
+    return dict(mesh.shape).get(axis, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +92,10 @@ class ShardingRules:
             if unknown:
                 raise ShardingError(f"rule {key!r}: unknown mesh axes {unknown}; have {MESH_AXES}")
             table[key] = axes
+        for key, axes in table.items():
+            if "context" in axes and key in _PARAM_AXES:
+                raise ShardingError(f"rule {key!r}: parameters never shard over the 'context' "
+                                    "axis (it splits the sequence only)")
         return cls(tuple(sorted(table.items())))
 
     def mesh_axes(self, logical: str | None) -> MeshAxes:
@@ -168,7 +187,7 @@ def activation_sharding(mesh: Mesh, rules: ShardingRules, shape: Sequence[int],
     (a batch of 1 while generating) are left out rather than failing."""
     spec = []
     for size, name in zip(shape, logical_axes, strict=True):
-        axes = tuple(a for a in rules.mesh_axes(name) if mesh.shape[a] > 1)
+        axes = tuple(a for a in rules.mesh_axes(name) if axis_size(mesh, a) > 1)
         while axes and size % math.prod(mesh.shape[a] for a in axes):
             axes = axes[:-1]
         spec.append(axes or None)

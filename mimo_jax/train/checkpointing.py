@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mimo_jax.core.errors import CheckpointError
-from mimo_jax.model.config import AttentionSpec, ModelConfig
+from mimo_jax.model.config import AttentionSpec, ModelConfig, stage_changes
 
 
 def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
@@ -109,13 +109,16 @@ class Checkpointer:
     def restore(
         self, step: int, *, model_state: dict, opt_state: Any, data_iter: Any, rng: jax.Array
     ) -> tuple[dict, Any, jax.Array]:
-        """Restore onto abstract targets (ShapeDtypeStructs); the data iterator in place."""
-        args = ocp.args.Composite(
+        """Restore onto abstract targets (ShapeDtypeStructs); the data iterator in place
+        (`data_iter=None`: a new training stage reads its own data from the start)."""
+        items = dict(
             params=ocp.args.StandardRestore(_abstract(model_state)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
             rng=ocp.args.StandardRestore(_abstract({"key": rng})),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
         )
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        args = ocp.args.Composite(**items)
         try:
             out = self.manager.restore(step, args=args)
         except Exception as e:
@@ -148,12 +151,24 @@ def _abstract(tree: Any) -> Any:
 
 
 def check_compatible(
-    meta: dict[str, Any], cfg: ModelConfig, tokenizer_spec: dict, where: str
-) -> None:
-    """Raise CheckpointError if the checkpoint's model or tokenizer differs from this run's."""
+    meta: dict[str, Any], cfg: ModelConfig, tokenizer_spec: dict, where: str,
+    *, stage_change: bool = False,
+) -> dict[str, tuple[Any, Any]]:
+    """Raise CheckpointError if the checkpoint's model or tokenizer differs from this run's.
+
+    `stage_change`: this run is the next training stage of the checkpoint's, which may change
+    the fields in `STAGE_MODEL_FIELDS` (RoPE bases, context length); returns those changes.
+    """
     saved = meta.get("model_config", {})
     want = model_config_dict(cfg)
     diffs = [k for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+    changes: dict[str, tuple[Any, Any]] = {}
+    if diffs and stage_change:
+        try:
+            changes = stage_changes(model_config_from_dict(saved), cfg)
+            diffs = []
+        except (TypeError, ValueError):
+            pass  # reported below, field by field
     if diffs:
         shown = ", ".join(
             f"{k}: checkpoint {saved.get(k)!r} vs run {want.get(k)!r}" for k in diffs[:4]
@@ -167,3 +182,4 @@ def check_compatible(
             f"checkpoint {where} used tokenizer {meta.get('tokenizer')} but this run uses "
             f"{tokenizer_spec}; use another --workdir or the same tokenizer"
         )
+    return changes

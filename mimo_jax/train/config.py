@@ -4,6 +4,14 @@
 - plain keys set TrainConfig fields, `data.*` the DataConfig, `model.*` are ModelConfig fields
   passed to the preset's model constructor (`model_preset`: "tiny" or "flash").
 Values are parsed as JSON when possible ("3", "1e-3", "true", "null", "[1,2]"), else strings.
+
+`stages` makes one run a sequence of training stages (e.g. 32K pre-training, then a 256K
+extension with a larger global-layer RoPE base): the fields above are stage 1, which ends at
+`steps`; each later stage is a dict of the same `key=value` overrides applied on top of the
+stages before it, with its own `steps` (the step it ends at). A stage may change anything
+that does not change the parameters: sequence length, batch, optimizer schedule, data, mesh,
+and the model's RoPE/context fields (`STAGE_MODEL_FIELDS`); training resumes across the
+boundary from the previous stage's last checkpoint.
 """
 
 from __future__ import annotations
@@ -74,6 +82,15 @@ class TrainConfig:
     async_checkpointing: bool = True
     progress_bar: bool = True
     tensorboard: bool = True
+    # later training stages: override dicts, each with the step it ends at (see module doc)
+    stages: tuple[dict, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stages, list | tuple) or not all(
+            isinstance(s, dict) for s in self.stages
+        ):
+            raise ValueError(f"stages must be a list of override dicts, got {self.stages!r}")
+        object.__setattr__(self, "stages", tuple(dict(s) for s in self.stages))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -122,7 +139,63 @@ class TrainConfig:
                          param_dtype=canonical_dtype(self.param_dtype, what="param_dtype"))
         return makers[self.model_preset](**overrides)
 
+    # ------------------------------------------------------------------ stages
+    def stage_configs(self) -> list[TrainConfig]:
+        """Stage 1 (this config without `stages`), then each later stage resolved: its
+        overrides on top of the previous stage's (dict values such as
+        `model.full_attention` are merged key by key)."""
+        out = [dataclasses.replace(self, stages=())]
+        for i, stage in enumerate(self.stages, start=2):
+            if "steps" not in stage:
+                raise ValueError(f"invalid training config: stage {i} has no 'steps' (the step "
+                                 "it ends at)")
+            if "stages" in stage:
+                raise ValueError(f"invalid training config: stage {i} cannot declare stages")
+            prev = out[-1]
+            merged: dict[str, Any] = {}
+            for k, v in stage.items():
+                old = prev.model.get(k[6:]) if k.startswith("model.") else None
+                if isinstance(old, AttentionSpec):
+                    old = dataclasses.asdict(old)
+                merged[k] = {**old, **v} if isinstance(old, dict) and isinstance(v, dict) else v
+            out.append(prev.override(merged))
+        return out
+
+    @property
+    def total_steps(self) -> int:
+        """The step the last stage ends at."""
+        return int(self.stages[-1]["steps"]) if self.stages else self.steps
+
+    def stage_at(self, step: int) -> tuple[int, TrainConfig]:
+        """(1-based stage number, its config) of the stage that trains step `step` + 1."""
+        configs = self.stage_configs()
+        for i, tc in enumerate(configs, start=1):
+            if step < tc.steps:
+                return i, tc
+        return len(configs), configs[-1]
+
     def validate(self, model_cfg: ModelConfig) -> None:
+        if self.stages:
+            self._validate_stages(model_cfg)
+        self._validate_one(model_cfg)
+
+    def _validate_stages(self, model_cfg: ModelConfig) -> None:
+        from mimo_jax.model.config import stage_changes
+
+        configs = self.stage_configs()
+        for i, (prev, tc) in enumerate(zip(configs, configs[1:], strict=False), start=2):
+            if tc.steps <= prev.steps:
+                raise ValueError(
+                    f"invalid training config: stage {i} ends at step {tc.steps}, not after "
+                    f"stage {i - 1} (step {prev.steps})")
+            cfg = tc.model_config()
+            try:
+                stage_changes(model_cfg, cfg)
+            except ValueError as e:
+                raise ValueError(f"invalid training config: stage {i}: {e}") from None
+            tc._validate_one(cfg)
+
+    def _validate_one(self, model_cfg: ModelConfig) -> None:
         def fail(msg: str) -> None:
             raise ValueError(f"invalid training config: {msg}")
 
@@ -160,6 +233,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         d["data"] = DataConfig(**d.get("data", {}))
+        d["stages"] = tuple(d.get("stages", ()))
         return cls(**d)
 
 

@@ -98,6 +98,35 @@ class _StopFlag:
 
 
 def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
+    """Train `tc` into `workdir`, resuming from its latest checkpoint; with `tc.stages`, run
+    the stages in order (each resumes from the previous stage's last checkpoint)."""
+    if not tc.stages:
+        return _train_stage(tc, workdir, log=log)
+    tc.validate(tc.model_config())
+    stages = tc.stage_configs()
+    result: TrainResult | None = None
+    for i, stc in enumerate(stages):
+        ckpt = Checkpointer(workdir, keep=1 << 30, async_save=False)
+        try:
+            latest = ckpt.latest_step()
+        finally:
+            ckpt.close()
+        if latest is not None and latest >= stc.steps and i + 1 < len(stages):
+            continue  # this stage is done
+        prev_end = stages[i - 1].steps if i else 0
+        r = _train_stage(stc, workdir, log=log, stage=(i + 1, len(stages), prev_end))
+        if result is not None:
+            r.start_step, r.losses = result.start_step, result.losses + r.losses
+        result = r
+        if r.stopped_by != "steps":
+            break
+    assert result is not None
+    return result
+
+
+def _train_stage(tc: TrainConfig, workdir: str, *, log=None,
+                 stage: tuple[int, int, int] | None = None) -> TrainResult:
+    """One stage; `stage` = (number, of how many, the step the previous stage ended at)."""
     cfg = tc.model_config()
     tc.validate(cfg)
     placement = None
@@ -114,8 +143,12 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
     os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     latest = ckpt.latest_step()
+    stage_changes = {}
     if latest is not None:  # fail on an incompatible checkpoint before any work
-        check_compatible(ckpt.read_meta(latest), cfg, tok.spec, ckpt.step_dir(latest))
+        stage_changes = check_compatible(ckpt.read_meta(latest), cfg, tok.spec,
+                                         ckpt.step_dir(latest), stage_change=stage is not None)
+    # A checkpoint of an earlier stage: this stage reads its own data (new length/batch/mix).
+    new_stage = stage is not None and latest is not None and latest <= stage[2]
 
     docs = open_source(tc.data.source, tc.data.kind, tc.data.field)
     split = split_documents(
@@ -154,7 +187,7 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
             latest,
             model_state=nnx.to_pure_dict(state),
             opt_state=init_opt_state(fresh_params),
-            data_iter=data_it,
+            data_iter=None if new_stage else data_it,
             rng=rng,
         )
         nnx.replace_by_pure_dict(state, restored)
@@ -192,6 +225,10 @@ def train(tc: TrainConfig, workdir: str, *, log=None) -> TrainResult:
         config={"train": tc.to_dict(), "model": model_config_dict(cfg)},
     )
     say = log or logger.write
+    if stage is not None:
+        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in stage_changes.items())
+        say(f"stage {stage[0]}/{stage[1]} (steps {stage[2]}..{tc.steps}, seq_len {tc.seq_len}, "
+            f"batch {tc.batch_size}){': model ' + changed if changed else ''}")
     say(
         f"{'resuming from step ' + str(step) if latest is not None else 'starting'}: "
         f"{len(split.train)} train / {len(split.val)} val documents, "

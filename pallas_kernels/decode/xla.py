@@ -1,6 +1,6 @@
-"""Cached attention in plain XLA: each key set (cache, new chunk) gives a partial softmax
-(output normalised over its own keys, and its log-sum-exp); `merge` combines the parts and
-the sinks exactly. The Pallas implementations reuse `merge` and the new-chunk part.
+"""Cached attention in plain XLA, and the pieces the Pallas implementations share: a key set
+(cache, new chunk) gives a partial softmax (output normalised over its own keys, and its
+log-sum-exp); `merge` combines parts and sinks exactly.
 """
 
 from __future__ import annotations
@@ -89,11 +89,41 @@ def xla_cached_attention(
     window: int | None,
     scale: float,
 ) -> jax.Array:
-    b, t = q.shape[:2]
-    s = k_cache.shape[2]
+    """One softmax over the scores of [cache slots; new keys] (only the scores are joined,
+    never the keys), the sinks in its denominator; fewest ops for XLA:CPU."""
+    b, t, hq, dqk = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    out_dtype = q.dtype
+    if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
+        # XLA:CPU has no bf16 x bf16 -> f32 dot for some of these layouts: compute in f32.
+        q, k_cache, v_cache, k_new, v_new = (
+            x.astype(jnp.float32) for x in (q, k_cache, v_cache, k_new, v_new))
+    qpos = query_positions(q_offset, b, t)
     slot_ok = jnp.arange(s)[None, :] < cache_length[:, None]
-    cached = partial_attention(q, k_cache, v_cache, jnp.where(slot_ok, cache_positions, -1),
-                               query_positions(q_offset, b, t), window=window, scale=scale,
-                               heads_major=True)
-    fresh = new_part(q, k_new, v_new, new_positions, q_offset, window=window, scale=scale)
-    return merge([cached, fresh], sinks, q.dtype)
+    mask = jnp.concatenate([key_mask(jnp.where(slot_ok, cache_positions, -1), qpos, window),
+                            key_mask(new_positions, qpos, window)], axis=-1)  # [B, T, S+N]
+    q_btkgd = q.reshape(b, t, hkv, g, dqk)
+    scores = jnp.concatenate([
+        jnp.einsum("btkgd,bksd->bkgts", q_btkgd, k_cache.astype(q.dtype),
+                   preferred_element_type=jnp.float32),
+        jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_new.astype(q.dtype),
+                   preferred_element_type=jnp.float32),
+    ], axis=-1) * scale
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, hkv, g, 1, 1)
+        row_max = jnp.maximum(row_max, sink)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(scores - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - row_max)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    vdt = v_cache.dtype
+    o = jnp.einsum("bkgts,bksd->btkgd", p[..., :s].astype(vdt), v_cache,
+                   preferred_element_type=jnp.float32)
+    o = o + jnp.einsum("bkgts,bskd->btkgd", p[..., s:].astype(vdt), v_new.astype(vdt),
+                       preferred_element_type=jnp.float32)
+    return o.reshape(b, t, hq, -1).astype(out_dtype)

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.compile_check import CompileCheckError, lower_for_gpu
-from pallas_kernels.release_shapes import ATTENTION_CASES, RAGGED_CASES
+from pallas_kernels.release_shapes import ATTENTION_CASES, DECODE_CASES, RAGGED_CASES
 
 
 def _loop_kernel(bound_dtype_fix: bool):
@@ -74,3 +74,11 @@ def test_ragged_lowers_and_verifies(case):
     assert "scf.for" in fwd[0].asm
     bwd = lower_for_gpu(case.backward("pallas_gpu"), *case.args(), expect_kernels=2)
     assert {k.name for k in bwd} == {"ragged_gmm_gpu", "ragged_tgmm_gpu"}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
+def test_decode_attention_lowers_and_verifies(case):
+    """Generation's cached attention (the GPU default): its cache kernel reaches Triton."""
+    kernels = lower_for_gpu(case.forward("pallas_gpu"), *case.args())
+    assert [k.name for k in kernels] == ["cached_attention_gpu"]
+    assert all(k.ok for k in kernels)

@@ -9,6 +9,7 @@ reports for the whole call is held to a budget.
 from __future__ import annotations
 
 import platform
+import re
 import sys
 
 import jax
@@ -22,7 +23,7 @@ from pallas_kernels.compile_check import (
     compile_for_tpu,
     tpu_available,
 )
-from pallas_kernels.release_shapes import ATTENTION_CASES, RAGGED_CASES
+from pallas_kernels.release_shapes import ATTENTION_CASES, DECODE_CASES, RAGGED_CASES
 
 # libtpu ships for Linux x86-64 only (the `test` extra installs it there); elsewhere these
 # checks cannot run at all, which is a different thing from failing.
@@ -119,3 +120,50 @@ def test_mosaic_rejection_is_reported():
 
     with pytest.raises(CompileCheckError, match="(?i)vmem|memory|exceed"):
         compile_for_tpu(f, jax.ShapeDtypeStruct((4096, 4096), jnp.float32), topology="v5e")
+
+
+def _decode_loop(case, steps: int = 3):
+    """`steps` decode steps in one executable, the cache a donated loop carry, as in
+    generation's loop: attend, then write the new keys into their slots."""
+    f = case.forward("pallas_tpu")
+
+    def loop(q, k_cache, v_cache, cache_pos, k_new, v_new, new_pos, q_offset, length, sinks):
+        def body(i, carry):
+            kc, vc, acc = carry
+            o = f(q, kc, vc, cache_pos, k_new, v_new, new_pos, q_offset + i, length, sinks)
+            slot = (q_offset[0] + i) % case.slots
+            kc = jax.lax.dynamic_update_slice(kc, jnp.swapaxes(k_new, 1, 2), (0, 0, slot, 0))
+            vc = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v_new, 1, 2), (0, 0, slot, 0))
+            return kc, vc, acc + o.astype(jnp.float32)
+
+        init = (k_cache, v_cache, jnp.zeros(q.shape[:3] + (v_cache.shape[-1],), jnp.float32))
+        return jax.lax.fori_loop(0, steps, body, init)
+
+    return loop
+
+
+def _computation(hlo: str, name: str) -> str:
+    """The text of HLO computation `name` (up to the next blank line)."""
+    start = re.search(rf"^(ENTRY )?%{re.escape(name)} .*{{$", hlo, re.M)
+    assert start, name
+    return hlo[start.start(): hlo.find("\n\n", start.start())]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("gen", GENERATIONS)
+def test_decode_attention_compiles(gen, case):
+    """Generation's cached attention (the TPU default) through Mosaic, inside a decode loop
+    whose carry is the cache. XLA:TPU's default layout for a [.., S, 192] bf16 entry parameter
+    puts S minor (192 would pad to 256 lanes) while the kernel reads row-major blocks: the
+    cache is relaid once when the executable starts (scratch of one K cache), never per step
+    (no copy of a cache-shaped buffer inside the loop body)."""
+    compiled = compile_for_tpu(_decode_loop(case), *case.args(), topology=gen,
+                               donate_argnums=(1, 2))
+    hlo = compiled.as_text()
+    (body,) = set(re.findall(r"while\(.*?body=%([\w.\-]+)", hlo))
+    shape = ",".join(map(str, case.args()[1].shape[:3]))
+    copies = [ln for ln in _computation(hlo, body).splitlines()
+              if re.search(rf"= bf16\[{shape},\d+\]\S* copy\(", ln)]
+    assert not copies, copies
+    k_bytes = _nbytes(case.args()[1:2])
+    assert MemoryUse.of(compiled).temp <= k_bytes * 4 // 3 + 8 * MIB

@@ -1,0 +1,105 @@
+"""Long-context serving plan: KV cache by layer type against all-global, and the CLI table."""
+
+import pytest
+
+from mimo_jax import ModelConfig
+from mimo_jax.commands.plan import parse_contexts
+from mimo_jax.parallel.plan import kv_cache_bytes, plan_long_context, plan_memory
+from mimo_jax.sharding.rules import ShardingRules
+
+RULES = ShardingRules.preset("fsdp_tensor_expert")
+
+
+def M(**axes):
+    """A full mesh shape: every mesh axis, size 1 unless given."""
+    return {a: axes.get(a, 1) for a in ("data", "fsdp", "context", "expert", "tensor")}
+
+
+def test_flash_kv_at_256k_matches_the_spec_arithmetic():
+    cfg = ModelConfig.flash()
+    kv = kv_cache_bytes(cfg, M(), RULES, batch=1, context=262_144)
+    # spec paper.md §1.3: 9 global layers x 4 KV heads x (192 + 128) x 2 B per token
+    assert kv["full"] == 9 * 4 * 320 * 2 * 262_144
+    # 39 sliding layers, 8 KV heads, a ring of `window` (129) slots, length-independent
+    assert kv["sliding"] == 39 * 8 * 320 * 2 * 129
+    assert kv["mtp"] == 3 * 8 * 320 * 2 * 129
+    assert kv["total"] == kv["full"] + kv["sliding"] + kv["mtp"]
+
+
+@pytest.mark.parametrize("mesh", [M(), M(expert=8), M(tensor=2, expert=4)])
+def test_hybrid_saving_approaches_layers_over_global_layers(mesh):
+    cfg = ModelConfig.flash()
+    plan = plan_long_context(cfg, mesh, RULES, contexts=(4096, 32_768, 262_144))
+    savings = [r.saving for r in plan.rows]
+    assert savings == sorted(savings)  # the rings' fixed cost matters less as context grows
+    assert 48 / 9 * 0.99 < savings[-1] <= 48 / 9  # 5.33x for 48 layers with 9 global
+    for r in plan.rows:
+        assert r.kv_unwindowed > r.kv_all_global  # sliding layers have 2x the KV heads
+        assert r.serve_total == plan.serving.params + plan.serving.transient + r.kv["total"]
+
+
+def test_long_context_plan_general_config():
+    cfg = ModelConfig.tiny(num_layers=12)  # global at 0, 5, 11
+    plan = plan_long_context(cfg, M(), RULES, contexts=(1024,), batch=2)
+    (row,) = plan.rows
+    f, s = cfg.full_attention, cfg.sliding_attention
+    assert row.kv["full"] == 3 * 2 * 1024 * f.num_kv_heads * (f.head_dim + f.v_head_dim) * 2
+    assert row.kv["sliding"] == 9 * 2 * s.window * s.num_kv_heads * (s.head_dim + s.v_head_dim) * 2
+    assert row.kv_all_global == 12 * 2 * 1024 * f.num_kv_heads * (f.head_dim + f.v_head_dim) * 2
+    with pytest.raises(ValueError, match="positive"):
+        plan_long_context(cfg, M(), RULES, contexts=(0,))
+
+
+def test_context_axis_divides_training_activations():
+    cfg = ModelConfig.tiny()
+    one = plan_memory(cfg, M(fsdp=4), RULES, batch=4, seq=8192)
+    ctx = plan_memory(cfg, M(fsdp=4, context=4), RULES, batch=4, seq=8192)
+    assert ctx.activations < one.activations / 2
+
+
+def test_parse_contexts():
+    assert parse_contexts("32K,128k, 262144") == (32768, 131072, 262144)
+    with pytest.raises(ValueError, match="--contexts"):
+        parse_contexts("32K,x")
+
+
+def test_cli_table(capsys):
+    from mimo_jax.cli import main
+
+    assert main(["plan", "--config", "tiny", "--mesh", "data=1", "--batch", "1", "--seq",
+                 "1024", "--contexts", "1K,4K", "--chip", "v5e"]) == 0
+    out = capsys.readouterr().out
+    assert "long-context serving" in out and "all-global" in out and "fits v5e" in out
+    assert main(["plan", "--config", "tiny", "--mesh", "data=1", "--batch", "1", "--seq",
+                 "1024", "--contexts", "1K", "--chip", "nope"]) != 0
+
+
+@pytest.mark.parametrize("scale", ["tiny", "v5p-8", "v5e-16", "v5p-128"])
+def test_extension_recipe_every_stage_fits_its_scale(scale):
+    from experiments.lib.spec import check_memory
+    from experiments.long_context import SWEEP
+
+    for exp in SWEEP.experiments:
+        tc = exp.train_config(scale)
+        s1, s2 = tc.stage_configs()
+        assert s2.seq_len in (4 * s1.seq_len, 8 * s1.seq_len)
+        assert s1.batch_size * s1.seq_len == s2.batch_size * s2.seq_len  # tokens per step
+        assert s1.model_config().full_attention.rope_theta == 640_000.0
+        assert s2.model_config().sliding_attention.rope_theta == 10_000.0
+        assert s2.model_config().max_position_embeddings == s2.seq_len
+        check_memory(tc, exp.scale(scale), host_bytes=16 << 30)  # raises if a stage does not fit
+    bases = [e.train_config(scale).stage_configs()[1].model_config().full_attention.rope_theta
+             for e in SWEEP.experiments]
+    assert bases == [5_000_000.0, 640_000.0]
+
+
+def test_memory_check_names_the_stage_that_does_not_fit():
+    from experiments.lib.spec import ExperimentError, check_memory
+    from experiments.long_context import SWEEP
+
+    exp = SWEEP.experiments[0]
+    tc = exp.train_config("v5e-16", ["stages=[{\"steps\": 10500, \"seq_len\": 262144, "
+                                     "\"batch_size\": 8, \"grad_accum\": 2, "
+                                     "\"model.max_position_embeddings\": 262144}]"])
+    with pytest.raises(ExperimentError, match="stage 2"):
+        check_memory(tc, exp.scale("v5e-16"))
