@@ -15,11 +15,15 @@ cached attention reads all of the cache for every chunk (O(T^2)), a sliding laye
 129 slots (O(T)). Both are timed in the same run (median of >= 5 after the compiling call);
 an all-global variant, 6 global layers, up to 8K shows what the hybrid saves.
 
-(b) The recipe of experiments/long_context.py at the tiny scale: stage 1 at 512 tokens (global
-RoPE base 640K), stage 2 at 2048 (base 5M), on the standard-library corpus; then
-`mimo_jax.eval.passkey` (the key at depths 0, 0.5, 1, teacher-forced greedy check and the key's
-log-probability) at 256 .. 2048 tokens for the stage-1 checkpoint (its max length lifted to
-2048) and the stage-2 checkpoint.
+(b) A tiny MiMo (4 layers, global at 0 and 3) trained on synthetic passkey documents
+(`mimo_jax.data.passkey_docs`, one episode per 512-token row): stage 1 at 512 tokens (global
+RoPE base 640K), stage 2 at 2048 (base 5M), the two-stage recipe of experiments/long_context.py
+through `TrainConfig.stages`; then `mimo_jax.eval.passkey` (depths 0 / 0.5 / 1, 20 keys each,
+teacher-forced greedy check and the key's log-probability) at 256 .. 4096 tokens for the
+stage-1 checkpoint (its max length lifted) and the stage-2 checkpoint; `--no-control` skips a
+stage 2 that keeps the 640K base. One command trains (resuming) and evaluates:
+
+    python benchmarks/long_context.py passkey   # stage 1 to step 305, stage 2 to 345
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ def _cond(sec: dict) -> str:
             f"{c['load_avg_start']} at start, {c['load_avg_end']} at end; `{sec['command']}`")
 
 
+def _f(x: float) -> str:
+    return "n/a" if x != x else f"{x:.2f}"  # nan
+
+
 def render(out: dict) -> str:
     lines = ["# Long context on CPU", ""]
     if "prefill" in out:
@@ -97,19 +105,32 @@ def render(out: dict) -> str:
         lines += ["## (a) Prefill cost by layer type", "", _cond(p), "",
                   p["setup"], "",
                   "| prompt | hybrid 5:1 (s) | all-sliding (s) | global layer's extra (s) | "
-                  "extra share of hybrid | all-global (s) | all-global / hybrid |",
-                  "|---|---|---|---|---|---|---|"]
+                  "extra share of hybrid | all-global (s) | all-global / hybrid | "
+                  "load (1 min) before / after |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in p["rows"]:
             g = r.get("all_global")
+            load = (f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f}"
+                    if "load_before" in r else "")
             lines.append(
                 f"| {r['length']} | {r['hybrid']['median_s']:.3f} | "
                 f"{r['sliding']['median_s']:.3f} | {r['global_extra_s']:.3f} | "
                 f"{r['global_share']:.0%} | "
                 + (f"{g['median_s']:.3f} | {g['median_s'] / r['hybrid']['median_s']:.2f}x |"
-                   if g else "not measured | |"))
-        lines += ["", f"Growth exponents (log-log slope from {p['fit_from']} tokens on): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in p["exponents"].items()), "",
-                  p["reading"], ""]
+                   if g else "not measured | |") + f" {load} |")
+        lines += ["", f"Growth exponents (log-log least-squares slope, {p['fit_from']} tokens "
+                  "and longer): " + ", ".join(f"{k} {_f(v)}" for k, v in p["exponents"].items()),
+                  ""]
+        if p.get("per_doubling"):
+            names = [k for k in p["per_doubling"][0] if k not in ("from", "to")]
+            lines += ["Local exponents between consecutive lengths (log2 of the time ratio per "
+                      "doubling):", "", "| from -> to | " + " | ".join(names) + " |",
+                      "|---|" + "---|" * len(names)]
+            for d in p["per_doubling"]:
+                lines.append(f"| {d['from']} -> {d['to']} | "
+                             + " | ".join(_f(d[k]) for k in names) + " |")
+            lines.append("")
+        lines += [p["reading"], ""]
     if "memory" in out:
         m = out["memory"]
         lines += ["## Peak memory of a long prefill", "", _cond(m), "", m["setup"], "",
@@ -130,7 +151,20 @@ def render(out: dict) -> str:
             cells = [f"{r['accuracy'][str(n)]:.2f} / {r['key_logprob'][str(n)]:.1f}"
                      for n in k["lengths"]]
             lines.append(f"| {r['checkpoint']} | " + " | ".join(cells) + " |")
-        lines += ["", k["reading"], ""]
+        depths = k.get("depths")
+        if depths:
+            lines += ["", "Accuracy by needle depth (0 = right after the intro, 1 = right "
+                      "before the question):", "",
+                      "| checkpoint | length | " + " | ".join(f"depth {d:g}" for d in depths)
+                      + " |", "|---|---|" + "---|" * len(depths)]
+            for r in k["rows"]:
+                for n in k["lengths"]:
+                    acc = {c["depth"]: c["accuracy"] for c in r["cells"] if c["length"] == n}
+                    lines.append(f"| step {r['step']} | {n} | "
+                                 + " | ".join(f"{acc[float(d)]:.2f}" for d in depths) + " |")
+        if k.get("reading"):
+            lines += ["", k["reading"]]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -154,57 +188,75 @@ def prefill_times(layout: str, length: int, chunk: int) -> dict:
     return summary([once() for _ in range(MIN_REPEATS)])
 
 
-def run_prefill(chunk: int, lengths: tuple[int, ...] = LENGTHS,
-                all_global_up_to: int = ALL_GLOBAL_UP_TO) -> None:
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of log(y) on log(x) (the growth exponent); nan if undefined."""
     import math
+
+    pts = [(math.log(x), math.log(y)) for x, y in points if y > 0]
+    if len(pts) < 2 or len(pts) < len(points):
+        return float("nan")
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    return (sum((x - mx) * (y - my) for x, y in pts)
+            / sum((x - mx) ** 2 for x, _ in pts))
+
+
+def run_prefill(chunk: int, lengths: tuple[int, ...] = LENGTHS,
+                all_global_up_to: int = ALL_GLOBAL_UP_TO, fit_from: int = 4096) -> None:
+    from benchmarks.common import load_average
 
     rows = []
     for n in lengths:
-        r = {"length": n, "hybrid": prefill_times("hybrid", n, chunk),
+        r = {"length": n, "load_before": load_average(),
+             "hybrid": prefill_times("hybrid", n, chunk),
              "sliding": prefill_times("sliding", n, chunk)}
         if n <= all_global_up_to:
             r["all_global"] = prefill_times("global", n, chunk)
+        r["load_after"] = load_average()
         r["global_extra_s"] = r["hybrid"]["median_s"] - r["sliding"]["median_s"]
         r["global_share"] = r["global_extra_s"] / r["hybrid"]["median_s"]
         rows.append(r)
         print(json.dumps(r), flush=True)
+    finish_prefill(rows, chunk, fit_from)
 
-    def slope(key: str, lo: int) -> float:
-        pts = [(math.log(r["length"]), math.log(max(r[key]["median_s"], 1e-9)))
-               for r in rows if r["length"] >= lo and key in r]
-        if len(pts) < 2:
-            return float("nan")
-        mx = sum(x for x, _ in pts) / len(pts)
-        my = sum(y for _, y in pts) / len(pts)
-        return (sum((x - mx) * (y - my) for x, y in pts)
-                / sum((x - mx) ** 2 for x, _ in pts))
 
-    fit_from = lengths[min(2, len(lengths) - 1)]
-    extra = [(r["length"], r["global_extra_s"]) for r in rows if r["length"] >= fit_from]
-    g_exp = float("nan")
-    if len(extra) >= 2 and all(e > 0 for _, e in extra):
-        xs = [math.log(n) for n, _ in extra]
-        ys = [math.log(e) for _, e in extra]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        g_exp = (sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-                 / sum((x - mx) ** 2 for x in xs))
-    exps = {"hybrid": slope("hybrid", fit_from), "all-sliding": slope("sliding", fit_from),
-            "global layer's extra": g_exp}
-    last = rows[-1]
+def finish_prefill(rows: list[dict], chunk: int, fit_from: int, note: str = "") -> None:
+    """Exponents, reading and the results files from the measured rows (also usable on the
+    JSON rows a run printed, should it be stopped before the end)."""
+
+    def pts(key: str, lo: int = 0) -> list[tuple[float, float]]:
+        return [(r["length"], r[key]["median_s"] if isinstance(r[key], dict) else r[key])
+                for r in rows if r["length"] >= lo and key in r]
+
+    exps = {"hybrid": _slope(pts("hybrid", fit_from)),
+            "all-sliding": _slope(pts("sliding", fit_from)),
+            "global layer's extra": _slope(pts("global_extra_s", fit_from)),
+            "all-global": _slope(pts("all_global", fit_from))}
+    # local exponents between consecutive lengths
+    steps = []
+    for i in range(1, len(rows)):
+        d = {"from": rows[i - 1]["length"], "to": rows[i]["length"]}
+        for key, name in (("hybrid", "hybrid"), ("sliding", "all-sliding"),
+                          ("global_extra_s", "global layer's extra")):
+            d[name] = _slope(pts(key)[i - 1:i + 1])
+        steps.append(d)
+    last, g_exp = rows[-1], exps["global layer's extra"]
     reading = (
-        f"At {last['length']} tokens the one global layer's extra time is "
-        f"{last['global_share']:.0%} of the hybrid prefill; the all-sliding model grows with "
-        f"exponent {exps['all-sliding']:.2f} (1 = linear) and the global layer's extra with "
-        f"{g_exp:.2f} (2 = quadratic). Engine detail: for every chunk a global layer scores "
-        "all cache slots (filled or not), so its cost is T x max_len, twice the causal "
-        "minimum; a sliding layer scores its 129-slot ring plus the chunk itself.")
+        f"From {fit_from} to {last['length']} tokens the all-sliding model's prefill grows "
+        f"with exponent {exps['all-sliding']:.2f} (1 = linear) and the one global layer's extra "
+        f"time with {g_exp:.2f} (2 = quadratic); at {last['length']} "
+        f"tokens that extra is {last['global_share']:.0%} of the hybrid prefill. Engine detail: "
+        "for every chunk a global layer scores all cache slots (filled or not), so its cost is "
+        "T x max_len, twice the causal minimum; a sliding layer scores its 129-slot ring plus "
+        "the chunk itself.")
     setup = (f"Model: `bench_config` (6 layers, hidden 128, 2 query heads / 1 KV head per "
              f"type, window 129 keys, MoE of 8 experts top-2, float32); one prompt, chunk "
              f"{chunk}, cache = prompt + 1 slots; median of {MIN_REPEATS} timed prefills after "
-             f"the compiling call. 'global layer's extra' = hybrid - all-sliding: the cost of "
-             f"layer 0 being global instead of sliding.")
+             f"the compiling call, each model and length in turn. 'global layer's extra' = "
+             f"hybrid - all-sliding: the cost of layer 0 being global instead of sliding; "
+             f"the all-sliding model is the sliding part (6 sliding layers).{note}")
     _save("prefill", {"rows": rows, "chunk": chunk, "exponents": exps, "fit_from": fit_from,
-                      "reading": reading, "setup": setup})
+                      "per_doubling": steps, "reading": reading, "setup": setup})
 
 
 # ------------------------------------------------------------------------------- memory
@@ -253,66 +305,161 @@ def run_memory(lengths: list[int], chunk: int) -> None:
 
 
 # ------------------------------------------------------------------------------- (b)
-def run_passkey(workdir: str, lengths: list[int], trials: int) -> None:
+# A tiny MiMo trained to retrieve: 4 layers, global at 0 and 3 (sliding 1-2, window 65), so a
+# global layer sits above sliding layers (retrieval by induction needs the previous token's
+# identity in the keys, which a first-layer global attention does not have); no MTP head.
+PASSKEY_MODEL = {"num_layers": 4, "layer_types": ["full", "sliding", "sliding", "full"],
+                 "vocab_size": 259, "num_mtp_layers": 0}
+
+
+def passkey_train_config(workdir: str, steps1: int, steps2: int, seq1: int = 512,
+                         seq2: int = 2048, filler_text: float = 0.0,
+                         stage2_base: float | None = None):
+    """Stage 1 at `seq1` tokens (global RoPE base 640K) on synthetic passkey documents, then
+    stage 2 at `seq2` (base 5M, the report's recipe) on the same kind of documents at `seq2`
+    (same tokens per step), each document exactly one packed row (mimo_jax.data.passkey_docs)."""
+    from experiments.long_context import BASE_32K, BASE_256K, BASE_SWA
+    from mimo_jax.data.passkey_docs import write_jsonl
+    from mimo_jax.train import TrainConfig
+
+    data = os.path.join(workdir, "data")
+    batch1, batch2 = 4, max(1, 4 * seq1 // seq2)
+    # documents for one epoch of training (at least 400 steps' worth: the recorded run's files)
+    n1 = (max(steps1, 400) + 10) * batch1 * 51 // 50
+    n2 = (max(steps2 - steps1, 40) + 10) * batch2 * 51 // 50
+    kw = {"filler_text": filler_text, "tail": "qa", "text_docs": 0.1}
+    src1 = write_jsonl(os.path.join(data, f"passkey-{seq1}.jsonl"), n1, seq1 - 2, seed=1, **kw)
+    src2 = write_jsonl(os.path.join(data, f"passkey-{seq2}.jsonl"), n2, seq2 - 2, seed=2, **kw)
+    model = {**PASSKEY_MODEL, "max_position_embeddings": seq1,
+             "full_attention": {"rope_theta": BASE_32K},
+             "sliding_attention": {"rope_theta": BASE_SWA}}
+    lr = 3e-3
+    stage2 = {"steps": steps2, "batch_size": batch2, "seq_len": seq2, "lr": lr / 10,
+              "end_lr": lr / 30, "warmup_steps": 0, "decay_steps": steps2 - steps1,
+              "bias_gamma": 1e-5, "data.source": src2, "model.max_position_embeddings": seq2,
+              "model.full_attention": {"rope_theta": stage2_base or BASE_256K}}
+    return TrainConfig.preset("tiny-cpu").override({
+        **{f"model.{k}": v for k, v in model.items()},
+        "data.source": src1, "data.val_fraction": 0.01, "data.val_batches": 2,
+        "seq_len": seq1, "batch_size": batch1, "steps": steps1, "lr": lr, "end_lr": lr / 10,
+        "warmup_steps": 20, "decay_steps": 0, "val_every": 10**6,
+        "save_every": 10**6, "console_every": 25, "keep_checkpoints": 4,
+        "progress_bar": False, "tensorboard": False, "stages": [stage2]})
+
+
+def _eval_checkpoint(workdir: str, step: int, tok, lengths: list[int], depths: list[float],
+                     trials: int, label: str) -> dict:
     import dataclasses
 
     from flax import nnx
 
-    from experiments.long_context import SWEEP
     from mimo_jax.eval.passkey import passkey_retrieval
-    from mimo_jax.eval.tokenizer import spec_tokenizer
     from mimo_jax.model.mimo import MiMo
-    from mimo_jax.train import load_checkpoint, train
-    from mimo_jax.train.checkpointing import Checkpointer
+    from mimo_jax.train import load_checkpoint
 
-    exp = SWEEP.experiments[0]  # the report's recipe: base 640K -> 5M
-    tc = exp.train_config("tiny")
+    model, meta = load_checkpoint(workdir, step)
+    cfg = model.cfg
+    if cfg.max_position_embeddings < max(lengths):  # evaluate beyond the trained length
+        cfg = dataclasses.replace(cfg, max_position_embeddings=max(lengths))
+        state = nnx.state(model)
+        model = nnx.merge(nnx.graphdef(MiMo(cfg, rngs=nnx.Rngs(0))), state)
+    t1 = time.time()
+    res = passkey_retrieval(model, tok, lengths=lengths, depths=depths, trials=trials, seed=0)
+    by_len = {}
+    for n in lengths:
+        cells = [r for r in res.rows if r["length"] == n]
+        by_len[str(n)] = sum(r["mean_key_logprob"] for r in cells) / len(cells)
+    mc = meta["model_config"]
+    row = {"checkpoint": f"{label}: step {step}, trained at {meta['train_config']['seq_len']}, "
+                         f"global base {mc['full_attention']['rope_theta']:.3g}",
+           "step": step, "label": label, "workdir": workdir,
+           "trained_at": meta["train_config"]["seq_len"],
+           "global_base": mc["full_attention"]["rope_theta"],
+           "accuracy": {str(k): v for k, v in res.accuracy_by_length.items()},
+           "key_logprob": by_len, "cells": res.rows, "eval_seconds": time.time() - t1}
+    print(label, json.dumps(row["accuracy"]), flush=True)
+    return row
+
+
+def _final_losses(workdir: str) -> dict:
+    """Logged training and validation losses by step (metrics.jsonl), every 25th step."""
+    out: dict = {"train": {}, "val": {}}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if "loss" in rec and "step" in rec:
+                    split = "val" if rec.get("split") == "val" else "train"
+                    if split == "val" or rec["step"] % 25 == 0:
+                        out[split][str(rec["step"])] = rec["loss"]
+    return out
+
+
+def passkey_setup(workdir: str, tc, trials: int, depths: list[float], train_s: dict,
+                  control: bool) -> str:
+    stage1, stage2 = tc.stage_configs()
+    return (
+        f"Run directory {workdir}. Model: `ModelConfig.tiny` with 4 layers (global at 0 and 3, "
+        "sliding 1-2 with window 65 and sinks, MoE 8 experts top-2, hidden 128), no MTP head, "
+        "byte tokenizer. Data (`mimo_jax.data.passkey_docs`, tail='qa', text_docs=0.1): 90% "
+        "of the documents are one passkey episode in the evaluation's template and filler "
+        "(random 5-digit key, random needle depth, random episode length), followed by the "
+        "question asked and answered again after more filler until the document is full; 10% "
+        "are plain standard-library text; every document is exactly one training row. "
+        f"Stage 1: {stage1.steps} steps of {stage1.batch_size} x {stage1.seq_len} tokens, lr "
+        f"{stage1.lr:g} constant after {stage1.warmup_steps} warm-up steps, global RoPE base "
+        f"640K. Stage 2 (the extension recipe of experiments/long_context.py): "
+        f"+{stage2.steps - stage1.steps} steps of {stage2.batch_size} x {stage2.seq_len} "
+        f"tokens, lr {stage2.lr:g} cosine to {stage2.end_lr:g}, global base 5M, resumed from "
+        "stage 1's checkpoint"
+        + ("; the control repeats stage 2 from the same checkpoint keeping base 640K"
+           if control else "")
+        + ". Training seconds in this invocation: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in train_s.items())
+        + " (about 0 when the checkpoints existed). Evaluation: "
+        f"`mimo_jax.eval.passkey.passkey_retrieval` at depths "
+        f"{' / '.join(f'{d:g}' for d in depths)}, {trials} random keys per (length, depth) "
+        f"({trials * len(depths)} per length), the same keys for every checkpoint; a trial "
+        "succeeds when all 6 answer tokens (the space and 5 digits) are the greedy argmax "
+        "(teacher-forced). A uniform guess of the 5 digits has log-prob 5 ln(1/10) = -11.5.")
+
+
+def run_passkey(workdir: str, lengths: list[int], trials: int, depths: list[float],
+                steps1: int, steps2: int, filler_text: float, control: bool) -> None:
+    import shutil
+
+    from experiments.long_context import BASE_32K
+    from mimo_jax.eval.tokenizer import spec_tokenizer
+    from mimo_jax.train import train
+    from mimo_jax.train.checkpointing import checkpoint_directory
+
+    tc = passkey_train_config(workdir, steps1, steps2, filler_text=filler_text)
+    stage1, stage2 = tc.stage_configs()
     t0 = time.time()
     result = train(tc, workdir)  # resumes; a no-op when the run is complete
-    train_s = time.time() - t0
-    stage1_end = tc.stage_configs()[0].steps
-    ckpt = Checkpointer(workdir, keep=1 << 30, async_save=False)
-    steps = ckpt.manager.all_steps()
-    ckpt.close()
-    if stage1_end not in steps:
-        raise SystemExit(f"{workdir} has no checkpoint at the end of stage 1 (step "
-                         f"{stage1_end}); have {steps}")
+    train_s = {"stages 1+2": time.time() - t0}
+    runs = [(workdir, stage1.steps, "stage 1 (no extension)"),
+            (workdir, result.step, "stage 2, base 640K -> 5M (report)")]
+    if control:  # the same stage 2 keeping the 640K base, from a copy of stage 1's checkpoint
+        ctrl = workdir.rstrip("/") + "-base640k"
+        src = os.path.join(checkpoint_directory(workdir), str(stage1.steps))
+        dst = os.path.join(checkpoint_directory(ctrl), str(stage1.steps))
+        if not os.path.exists(dst):
+            shutil.copytree(src, dst)
+        ctc = passkey_train_config(ctrl, steps1, steps2, filler_text=filler_text,
+                                   stage2_base=BASE_32K)
+        t0 = time.time()
+        cres = train(ctc, ctrl)
+        train_s["control stage 2"] = time.time() - t0
+        runs.append((ctrl, cres.step, "stage 2, base kept at 640K (control)"))
     tok = spec_tokenizer(tc.data.tokenizer)
-    longest = max(lengths)
-    rows = []
-    for step in (stage1_end, result.step):
-        model, meta = load_checkpoint(workdir, step)
-        cfg = model.cfg
-        if cfg.max_position_embeddings < longest:  # evaluate stage 1 beyond its length
-            cfg = dataclasses.replace(cfg, max_position_embeddings=longest)
-            state = nnx.state(model)
-            model = nnx.merge(nnx.graphdef(MiMo(cfg, rngs=nnx.Rngs(0))), state)
-        res = passkey_retrieval(model, tok, lengths=lengths, depths=(0.0, 0.5, 1.0),
-                                trials=trials, seed=0)
-        by_len = {}
-        for n in lengths:
-            cells = [r for r in res.rows if r["length"] == n]
-            by_len[str(n)] = sum(r["mean_key_logprob"] for r in cells) / len(cells)
-        mc = meta["model_config"]
-        rows.append({"checkpoint": f"step {step} (trained at {meta['train_config']['seq_len']}, "
-                                   f"global base {mc['full_attention']['rope_theta']:.3g})",
-                     "step": step, "accuracy": {str(k): v for k, v in
-                                                res.accuracy_by_length.items()},
-                     "key_logprob": by_len, "cells": res.rows})
-        print(json.dumps(rows[-1]["accuracy"]), flush=True)
-    chance = "a 5-digit key is 5 byte tokens; a guess has log-prob about 5 ln(1/10) = -11.5"
-    reading = (
-        "Honest reading: this model trained for "
-        f"{result.step} steps ({stage1_end} at 512 tokens + {result.step - stage1_end} at 2048) "
-        "on Python source, never on retrieval; accuracy is the fraction of trials whose every "
-        f"key token is the greedy argmax. {chance}. What to compare is the key log-prob "
-        "between the two checkpoints and across lengths, not the absolute accuracy: a model "
-        "this small and this briefly trained is not expected to retrieve a pass key.")
-    setup = (f"Run directory {workdir} (training, if it had to run here: {train_s:.0f} s); "
-             f"`mimo_jax.eval.passkey.passkey_retrieval`, depths 0 / 0.5 / 1, {trials} "
-             "trials each, byte tokenizer.")
+    rows = [_eval_checkpoint(w, s, tok, lengths, depths, trials, label) for w, s, label in runs]
+    setup = passkey_setup(workdir, tc, trials, depths, train_s, control)
     _save("passkey", {"rows": rows, "lengths": list(lengths), "trials": trials,
-                      "reading": reading, "setup": setup, "train_seconds": train_s})
+                      "depths": list(depths), "reading": "", "setup": setup,
+                      "train_seconds": train_s,
+                      "losses": {w: _final_losses(w) for w in {r[0] for r in runs}}})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,21 +470,30 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--chunk", type=int, default=256)
     a.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     a.add_argument("--all-global-up-to", type=int, default=ALL_GLOBAL_UP_TO)
+    a.add_argument("--fit-from", type=int, default=4096)
     m = sub.add_parser("memory")
     m.add_argument("--lengths", default="16384,32768")
     m.add_argument("--chunk", type=int, default=256)
     b = sub.add_parser("passkey")
-    b.add_argument("--workdir", default="runs/tiny/long_context/extend-base5m")
-    b.add_argument("--lengths", default="256,512,1024,2048")
-    b.add_argument("--trials", type=int, default=4)
+    b.add_argument("--workdir", default="runs/tiny/long_context/passkey")
+    b.add_argument("--lengths", default="256,512,1024,2048,4096")
+    b.add_argument("--depths", default="0,0.5,1")
+    b.add_argument("--trials", type=int, default=20)
+    b.add_argument("--steps1", type=int, default=305, help="stage 1 ends at this step")
+    b.add_argument("--steps2", type=int, default=345, help="stage 2 ends at this step")
+    b.add_argument("--filler-text", type=float, default=0.0)
+    b.add_argument("--no-control", action="store_true",
+                   help="skip the stage-2 control that keeps the 640K base")
     args = p.parse_args(argv)
     if args.part == "prefill":
         run_prefill(args.chunk, tuple(int(x) for x in args.lengths.split(",")),
-                    args.all_global_up_to)
+                    args.all_global_up_to, args.fit_from)
     elif args.part == "memory":
         run_memory([int(x) for x in args.lengths.split(",")], args.chunk)
     else:
-        run_passkey(args.workdir, [int(x) for x in args.lengths.split(",")], args.trials)
+        run_passkey(args.workdir, [int(x) for x in args.lengths.split(",")], args.trials,
+                    [float(x) for x in args.depths.split(",")], args.steps1, args.steps2,
+                    args.filler_text, not args.no_control)
     return 0
 
 

@@ -23,6 +23,26 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def describe_task(spec: dict) -> str:
+    kind = spec.get("kind")
+    if kind == "mod_add":
+        m = spec.get("modulus", 100)
+        top = spec.get("max_operand", m)
+        n = spec.get("terms", 2)
+        names = "abcdefgh"[:n]
+        if n * (top - 1) < m:  # the modulus never wraps: a plain sum
+            ex = [(3, 1, 4, 1, 5, 9, 2, 6)[i] % top for i in range(n)]
+            return (f'"{"+".join(names)}=" -> {" + ".join(names)}, each in [0, {top}) '
+                    f'(e.g. "{"+".join(map(str, ex))}=" -> "{sum(ex)}")')
+        return f'"{"+".join(names)}=" -> ({" + ".join(names)}) mod {m}, each in [0, {top})'
+
+    if kind == "reverse":
+        a = spec.get("alphabet", "abcdefgh")
+        return (f'"r:abc=" -> "cba" over the {len(a)} letters {a}, length '
+                f'{spec.get("min_len", 3)}-{spec.get("max_len", 6)}')
+    return json.dumps(spec)
+
+
 def write_report(workdir: str, command: str, out_dir: str = RESULTS) -> str:
     import matplotlib
 
@@ -79,17 +99,30 @@ def write_report(workdir: str, command: str, out_dir: str = RESULTS) -> str:
     plt.close(fig)
 
     t = demo["timings"]
-    rows = []
-    for d in domains:
-        teacher = scores[f"teacher {d}"][d]
-        after = scores["student after MOPD"][d]
-        rows.append(f"| {d} | {teacher:.3f} | {scores['base (student before MOPD)'][d]:.3f} | "
-                    f"{after:.3f} | {after / max(teacher, 1e-9):.1%} | "
-                    f"{scores[base_name][d]:.3f} | "
-                    f"{scores[base_name][d] / max(teacher, 1e-9):.1%} |")
     o = demo["options"]
-    verdict = {d: "reached" if scores["student after MOPD"][d]
-               >= 0.9 * scores[f"teacher {d}"][d] else "NOT reached" for d in domains}
+    teacher = {d: scores[f"teacher {d}"][d] for d in domains}
+    before = {d: scores["base (student before MOPD)"][d] for d in domains}
+    after = {d: scores["student after MOPD"][d] for d in domains}
+    base_s = {d: scores[base_name][d] for d in domains}
+    rows = [f"| {d} | {teacher[d]:.3f} | {before[d]:.3f} | {after[d]:.3f} | "
+            f"{after[d] / max(teacher[d], 1e-9):.1%} | {base_s[d]:.3f} | "
+            f"{base_s[d] / max(teacher[d], 1e-9):.1%} |" for d in domains]
+    reached = {d: after[d] >= 0.9 * teacher[d] for d in domains}
+    others = [d for d in domains if d != bd]
+    base_short = {d: base_s[d] < 0.9 * teacher[d] for d in others}
+    teachers_ok = all(teacher[d] >= 0.6 for d in domains)
+    ok = all(reached.values()) and all(base_short.values()) and teachers_ok
+    m = o["mopd"]
+    cpu = {k[:-6]: v for k, v in t.items() if k.endswith("_cpu_s")}
+    cpu.update({k[: -len("_cpu_s_this_invocation")]: v for k, v in t.items()
+                if k.endswith("_cpu_s_this_invocation") and k != "cpu_s_this_invocation"})
+    wall = {k[:-7]: v for k, v in t.items() if k.endswith("_wall_s")}
+    wall.update({k[: -len("_wall_s_this_invocation")]: v for k, v in t.items()
+                 if k.endswith("_wall_s_this_invocation") and k != "wall_s_this_invocation"})
+    stage_rows = [f"| {k} | {cpu[k]:.0f} | {wall.get(k, float('nan')):.0f} |"
+                  for k in ("base", *(f"teacher_{d}" for d in domains), "mopd",
+                            f"baseline_sft_{bd}", "scoring") if k in cpu]
+    n_base_tok = t.get(f"baseline_sft_{bd}_answer_tokens")
     lines = [
         "# MOPD on CPU: two synthetic domains, two teachers, one student",
         "",
@@ -98,27 +131,37 @@ def write_report(workdir: str, command: str, out_dir: str = RESULTS) -> str:
         f"{demo['model_config_params'] / 1e6:.2f}M-parameter MiMo (hybrid sliding/global "
         "attention with sinks, sigmoid top-2-of-8 MoE, scanned blocks; byte vocabulary).",
         "",
-        "Domains (prompts and answers as text, exact-match reward): `add` = \"a+b=\" -> "
-        "(a+b) mod 100; `reverse` = \"r:abcd=\" -> \"dcba\" over 8 letters, length 3-6. "
-        "Held-out prompts (a fixed hash of the prompt, 20%) are never trained on; scores are "
-        f"greedy exact match on {o['eval_prompts']} held-out prompts per domain.",
+        "Domains (prompts and answers as text, exact-match reward): "
+        + "; ".join(f"`{d}`: {describe_task(o['tasks'][d])}" for d in domains) + ". "
+        "Held-out prompts (a fixed hash of the prompt, 20%) are never trained on; the table's "
+        f"scores are greedy exact match on {o['eval_prompts']} held-out prompts per domain "
+        f"(the curves': {m['eval_prompts']}).",
         "",
-        f"Pipeline: base = {o['base_steps']} SFT steps on both domains (the student's start); "
-        f"teacher per domain = base + {o['teacher_steps']} SFT steps on its domain; MOPD = "
-        f"{o['mopd_steps']} steps x {o['mopd']['prompts_per_step']} prompts x "
-        f"{o['mopd']['samples_per_prompt']} samples (T = {o['mopd']['temperature']}, "
-        f"alpha = {o['mopd']['alpha']}, IcePop [0.5, 5], lr {o['mopd']['lr']}); baseline = base "
-        f"+ SFT on {demo['baseline_steps']} batches of teacher-`{bd}` samples on `{bd}` prompts, "
-        f"as many answer tokens as MOPD trained on ({demo['mopd_response_tokens']}).",
+        f"Pipeline: base = {o['base_steps']} SFT steps on both domains (batch "
+        f"{o['batch_size']}, lr {o['sft_lr']}; the student's start); teacher per domain = base "
+        f"+ {o['teacher_steps']} SFT steps on its domain; MOPD = {o['mopd_steps']} steps x "
+        f"{m['prompts_per_step']} prompts x {m['samples_per_prompt']} samples (T = "
+        f"{m['temperature']}, alpha = {m['alpha']}, IcePop [0.5, 5], Adam lr {m['lr']}"
+        + (f" cosine to {m['end_lr']}" if m.get("end_lr") is not None else "") + ", "
+        f"routing replay on) = {demo['mopd_response_tokens']} sampled tokens trained on; "
+        f"baseline = base + SFT on {demo['baseline_steps']} batches of teacher-`{bd}` samples "
+        f"(T = {m['temperature']}) on `{bd}` prompts, "
+        + (f"{n_base_tok} answer tokens" if n_base_tok is not None else "about as many tokens")
+        + " (the same number of tokens as MOPD, from one teacher).",
         "",
         "| domain | teacher | student before MOPD | student after MOPD | after / teacher | "
         f"SFT baseline ({bd} only) | baseline / teacher |",
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Target (after MOPD >= 90% of each domain's teacher): "
-        + ", ".join(f"{d} {verdict[d]}" for d in domains)
-        + ". A teacher near 0 makes its domain's ratio meaningless (see the teacher column).",
+        "Target: " + ("**met**" if ok else "**NOT met**") + ". "
+        + "; ".join(f"MOPD student on {d}: {after[d] / max(teacher[d], 1e-9):.1%} of the "
+                    f"teacher ({'>=' if reached[d] else '<'} 90%)" for d in domains)
+        + "; " + "; ".join(f"SFT baseline on {d} (the domain it was not trained on): "
+                           f"{base_s[d] / max(teacher[d], 1e-9):.1%} of the teacher "
+                           f"({'<' if base_short[d] else '>='} 90%)" for d in others)
+        + "; teachers " + ", ".join(f"{d} {teacher[d]:.3f}" for d in domains)
+        + (" (both >= 0.6)." if teachers_ok else " (not both >= 0.6)."),
         "",
         "![held-out scores](mopd_heldout.png)",
         "",
@@ -126,13 +169,23 @@ def write_report(workdir: str, command: str, out_dir: str = RESULTS) -> str:
         "",
         "## Cost and conditions",
         "",
-        f"- command: `{command}`",
-        "- CPU seconds (user + system, this process) per stage: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in sorted(t.items())),
+        f"- command: `{demo.get('command', command)}`",
+        f"- the last invocation of the command: {t['cpu_s_this_invocation']:.0f} CPU s (user + "
+        f"system of the process, all threads), {t['wall_s_this_invocation']:.0f} s wall (stages "
+        "reused from an earlier invocation not included; the table gives each stage's cost "
+        "where it was built)",
         f"- load average at the end: {', '.join(f'{x:.2f}' for x in demo['load_average'])} "
-        "(2 cores shared with other jobs)",
+        f"({os.cpu_count()} cores, shared with other jobs)",
+        "",
+        "| stage | CPU s | wall s |",
+        "|---|---|---|",
+        *stage_rows,
         "",
     ]
+    notes = os.path.join(out_dir, "mopd_notes.md")  # hand-written context, kept on rewrites
+    if os.path.exists(notes):
+        with open(notes) as f:
+            lines += ["", f.read().rstrip(), ""]
     md = os.path.join(out_dir, "mopd.md")
     with open(md, "w") as f:
         f.write("\n".join(lines))
@@ -148,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args(argv)
-    command = "python -m experiments.mopd " + " ".join(shlex.quote(a) for a in
-                                                       (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["python -m experiments.mopd", *(shlex.quote(a) for a in given)])
     if not args.report_only:
         from mimo_jax.core import logs
         from mimo_jax.post_train.demo import run_demo
@@ -167,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                 overrides[k] = v
         logs.set_verbosity("normal")
         run_demo(args.workdir, overrides, log=print)
+        path = os.path.join(args.workdir, "demo.json")
+        with open(path) as f:
+            demo = json.load(f)
+        demo["command"] = command  # what produced these numbers (a --report-only rerun keeps it)
+        with open(path, "w") as f:
+            json.dump(demo, f, indent=2)
     print(write_report(args.workdir, command, args.results))
     return 0
 

@@ -218,3 +218,34 @@ def test_training_with_context_axis_matches_one_device(tmp_path):
         assert "context" not in str(sharding.spec), path
     want = jax.NamedSharding(mesh, jax.P("tensor", "fsdp"))
     assert sharded.model.embed[...].sharding.is_equivalent_to(want, 2)
+
+
+@pytest.mark.slow  # one training run: ~1.5 min on 2 free cores (5 min on a loaded machine)
+def test_train_step_compiles_once_on_a_context_mesh(tmp_path, monkeypatch):
+    """The jitted step hands its state back in the shardings it was given, so steps 2.. reuse
+    step 1's executable (on `fsdp=2,context=4` some leaves used to come back in another
+    layout and step 2 compiled again)."""
+    from test_train_resume import SMALL
+
+    import mimo_jax.train.loop as loop_mod
+    from mimo_jax.train import TrainConfig, train
+
+    made = []
+
+    def capture(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    real = loop_mod.make_train_step
+    monkeypatch.setattr(loop_mod, "make_train_step", capture)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"m{i}.py").write_text(f"def f_{i}(x):\n    return x + {i}\n" * 4)
+    tc = TrainConfig.preset("tiny-cpu").override(
+        [*SMALL, f"data.source={corpus}", "batch_size=4", "steps=3", "tensorboard=false",
+         "save_every=1000", "data.val_batches=0", "seq_len=16", "model.num_mtp_layers=1"]
+    ).override({"mesh": "fsdp=2,context=4"})
+    out = train(tc, str(tmp_path / "cp"))
+    assert out.step == 3 and len(made) == 1
+    assert made[0]._cache_size() == 1

@@ -103,3 +103,80 @@ def test_memory_check_names_the_stage_that_does_not_fit():
                                      "\"model.max_position_embeddings\": 262144}]"])
     with pytest.raises(ExperimentError, match="stage 2"):
         check_memory(tc, exp.scale("v5e-16"))
+
+
+# ------------------------------------------------------------------ synthetic passkey data
+def test_passkey_documents_are_well_formed():
+    import random
+
+    from mimo_jax.data import passkey_docs as pd
+    from mimo_jax.eval import passkey as ev
+
+    # the training documents use the evaluation's template
+    assert (pd.INTRO, pd.FILLER, pd.NEEDLE, pd.QUESTION) == (ev.INTRO, ev.FILLER, ev.NEEDLE,
+                                                             ev.QUESTION)
+    text = "def f(x):\n    return x + 1\n" * 50
+    rng = random.Random(0)
+    depths = []
+    for filler_text, tail in ((0.0, "qa"), (1.0, "text"), (0.0, "text")):
+        for _ in range(30):
+            doc, info = pd.passkey_document(rng, 510, text, filler_text=filler_text, tail=tail)
+            key, a, n = info["key"], info["answer_at"], info["needle_at"]
+            assert len(doc.encode("utf-8")) == 510 and doc.isascii()
+            assert len(key) == 5 and key.isdigit()
+            assert doc[a:a + 5] == key and doc[n:n + 5] == key and n < a
+            episode = doc[:info["episode_bytes"]]
+            assert episode.startswith(pd.INTRO)
+            assert episode.endswith(pd.QUESTION + " " + key)
+            assert episode.count(pd.NEEDLE.format(key=key)) == 1
+            assert episode.count(pd.QUESTION) == 1
+            assert doc.count(pd.NEEDLE.format(key=key)) == 1
+            if tail == "qa":  # later answers repeat the same key
+                later = doc[info["episode_bytes"]:].split(pd.QUESTION + " ")[1:]
+                assert all(key.startswith(a[:5]) for a in later)
+            depths.append(info["depth"])
+    assert min(depths) < 0.2 and max(depths) > 0.8
+    with pytest.raises(ValueError, match="cannot hold"):
+        pd.passkey_document(rng, 100, text)
+    mixed = list(pd.passkey_documents(200, 300, seed=1, text=text, tail="qa", text_docs=0.2))
+    plain = [d for d, info in mixed if info["key"] is None]
+    assert 20 < len(plain) < 60 and all(len(d) == 300 and "pass key" not in d for d in plain)
+
+
+def test_passkey_jsonl_packs_one_document_per_row(tmp_path):
+    import numpy as np
+
+    from mimo_jax.data import load_tokenizer
+    from mimo_jax.data.passkey_docs import write_jsonl
+    from mimo_jax.data.pipeline import split_documents, train_iterator
+    from mimo_jax.data.sources import open_source
+
+    path = write_jsonl(str(tmp_path / "pk.jsonl"), 12, 254, seed=3, filler_text=0.5,
+                       tail="qa", text_docs=0.2)
+    docs = open_source(path)
+    assert len(docs) == 12
+    it = train_iterator(docs, split_documents(12, 0.0, 0), load_tokenizer({"kind": "byte"}),
+                        seq_len=256, batch_size=4, seed=0)
+    for _ in range(3):
+        b = next(it)
+        assert (b["segment_ids"] == 1).all()  # each row is exactly one whole document
+        np.testing.assert_array_equal(b["positions"][0], np.arange(256))
+        assert (b["ids"][:, 0] == 256).all() and (b["ids"][:, -1] == 257).all()  # BOS, EOS
+
+
+def test_passkey_benchmark_recipe(tmp_path):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.long_context import passkey_train_config
+
+    tc = passkey_train_config(str(tmp_path), steps1=30, steps2=34, seq1=256, seq2=1024)
+    s1, s2 = tc.stage_configs()
+    tc.validate(tc.model_config())
+    assert (s1.seq_len, s2.seq_len, s2.steps) == (256, 1024, 34)
+    assert s1.batch_size * s1.seq_len == s2.batch_size * s2.seq_len
+    assert s1.model_config().full_attention.rope_theta == 640_000.0
+    assert s2.model_config().full_attention.rope_theta == 5_000_000.0
+    assert s1.model_config().layer_types == ("full", "sliding", "sliding", "full")
+    assert s1.data.source.endswith("passkey-256.jsonl") and os.path.exists(s2.data.source)

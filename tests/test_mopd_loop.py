@@ -107,3 +107,35 @@ def test_cli_resolves_a_yaml_config(checkpoints, tmp_path, capsys):
     # A missing student checkpoint is a clear error, not a traceback.
     assert cli.main(["mopd", "--config", str(cfg), "--workdir", str(tmp_path / "w")]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_tasks_split_and_score():
+    from mimo_jax.post_train.tasks import make_task
+
+    rng = np.random.default_rng(0)
+    add3 = make_task({"kind": "mod_add", "modulus": 100, "max_operand": 10, "terms": 3})
+    p, a = add3.sample(rng, "train")
+    terms = [int(x) for x in p[:-1].split("+")]
+    assert len(terms) == 3 and all(0 <= x < 10 for x in terms) and a == str(sum(terms))
+    assert add3.reward(p, a) == 1.0 and add3.reward(p, a + "0") == 0.0
+    two = make_task({"kind": "mod_add", "modulus": 10, "max_operand": 100})
+    assert two.answer("72+63=") == "5"
+    # The default task draws what it always drew (two operands below the modulus).
+    old = make_task({"kind": "mod_add"})
+    assert old.sample(np.random.default_rng(3), "train")[0].count("+") == 1
+    train = {add3.sample(rng, "train")[0] for _ in range(300)}
+    assert not train & {q for q, _ in add3.heldout(100)}
+    with pytest.raises(ValueError, match="terms"):
+        make_task({"kind": "mod_add", "terms": 1})
+
+
+def test_end_lr_decays_to_it_by_the_last_step():
+    from mimo_jax.train.optimizer import lr_schedule
+
+    const = lr_schedule(MOPDConfig(steps=50, lr=1e-3, warmup_steps=5).optimizer_config())
+    assert float(const(49)) == pytest.approx(1e-3)
+    cos = lr_schedule(MOPDConfig(steps=50, lr=1e-3, end_lr=1e-5, warmup_steps=5)
+                      .optimizer_config())
+    assert float(cos(5)) == pytest.approx(1e-3)
+    assert float(cos(50)) == pytest.approx(1e-5, rel=1e-3)
+    assert 1e-5 < float(cos(27)) < 1e-3

@@ -21,8 +21,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from mimo_jax.inference.kv_cache import KVCache, LayerKV, full_slots, key_positions
-from mimo_jax.inference.placement import usable_axes
+from mimo_jax.inference.kv_cache import (
+    KVCache,
+    LayerKV,
+    cache_axes,
+    full_slots,
+    key_positions,
+    usable_axes,
+)
+from mimo_jax.model import context_parallel
 from mimo_jax.model.config import AttentionSpec
 from mimo_jax.model.mimo import DecoderLayer, MiMo, MTPHead, scan_plan
 from mimo_jax.model.moe import MoE
@@ -56,9 +63,18 @@ def cached_attention(
     ctx = active()
     if ctx is not None:
         mesh, rules = ctx
-        b, hkv = q_btnh.shape[0], kv.k.shape[1]
-        bax = usable_axes(mesh, rules.mesh_axes("batch"), b)
-        hax = usable_axes(mesh, rules.mesh_axes("kv_heads"), hkv, taken=bax)
+        b, t, hkv = q_btnh.shape[0], q_btnh.shape[1], kv.k.shape[1]
+        bax, hax, sax = cache_axes(mesh, rules, b, hkv, kv.k.shape[2],
+                                   global_layer=spec.window is None)
+        # A chunk (not one token) splits over the context axis like the activations do.
+        tax = ()
+        if t == k_new_btkh.shape[1]:
+            tax = usable_axes(mesh, rules.mesh_axes("seq"), t, taken=bax + hax)
+        if tax or sax:
+            return context_parallel.cached_context_attention(
+                *args[:7], q_offset=jnp.broadcast_to(q_offset, (b,)),
+                cache_length=jnp.broadcast_to(length, (b,)), sinks=sinks, window=spec.window,
+                mesh=mesh, batch_axes=bax, head_axes=hax, seq_axes=tax, slot_axes=sax)
         if bax or hax:
             bs, hs = bax or None, hax or None
             specs = (P(bs, None, hs, None), P(bs, hs, None, None), P(bs, hs, None, None),
@@ -118,7 +134,8 @@ def main_forward(
         else:
             kpos[kind] = key_positions(spec, cache, cache.ring_pos.shape[1])
 
-    h = model.embed_tokens(ids_bt)
+    # A chunk splits over the context axis (contiguously) when its length allows.
+    h = constrain(model.embed_tokens(ids_bt), ("batch", "seq", "act_embed"))
     prefix_new = []
     for i, layer in enumerate(model.prefix_layers):
         h, new = layer_step(layer, h, pos_bt, valid_bt, start_b, cache.prefix[i],

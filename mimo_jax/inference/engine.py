@@ -84,7 +84,7 @@ def prefill_chunk(
         tok = jnp.where(nxt < lengths[:, None], tok, 0)
         _, new = mtp_forward(model, k, cache, feed, tok, pos, valid, start)
         cache = commit_mtp(cfg, cache, k, new, pos, valid)
-    cache = constrain_cache(commit_main(cfg, cache, pnew, bnew, pos, valid), active())
+    cache = constrain_cache(commit_main(cfg, cache, pnew, bnew, pos, valid), active(), cfg)
     if n_heads:
         hid = write_hidden(hid, feed, pos, valid)
     # Logits of each row's last prompt position, if it falls in this chunk.
@@ -139,8 +139,9 @@ def run_loop(step_fn, static, state, cache, tokens, lengths, hid, last_logits, p
 
     def body(carry):
         cache, st = carry
-        cache, st = step_fn(nnx.merge(graphdef, state), cache, st, params, limits, *static[1:])
-        return constrain_cache(cache, active()), st
+        model = nnx.merge(graphdef, state)
+        cache, st = step_fn(model, cache, st, params, limits, *static[1:])
+        return constrain_cache(cache, active(), model.cfg), st
 
     def cond(carry):
         return jnp.any(~carry[1].done)

@@ -118,7 +118,7 @@ def new_cache(cfg: ModelConfig, batch: int, max_len: int, mtp_heads: int,
     make = lambda: init_cache(cfg, batch, max_len, mtp_heads=mtp_heads)  # noqa: E731
     if ctx is None:
         return make()
-    return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), *ctx))()
+    return jax.jit(make, out_shardings=cache_shardings(jax.eval_shape(make), *ctx, cfg))()
 
 
 def generate(

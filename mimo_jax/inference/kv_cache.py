@@ -7,6 +7,12 @@
   because chunked writes and speculative rollbacks leave slots out of position order.
 - Every MTP head: its own sliding-window ring buffer (`mtp`, positions in `mtp_pos`).
 
+On a mesh (`cache_axes`, placement.py): rows over the batch axes, KV heads over the head
+axes, and a global layer's slots over the `context` axis (contiguous blocks of S/n slots, so
+a 256K-token cache costs each context shard 1/n of it); ring buffers stay whole on every
+context shard (W slots each). A global layer's write then lands in the shard that owns its
+slot (`commit_main`), never gathering the cache.
+
 Writes are deferred: a cached forward returns the new keys/values of its rows and `commit_*`
 writes only the rows that were accepted, so rejected speculative rows never touch a ring buffer
 (this is the rollback: nothing past the accepted prefix is ever written).
@@ -14,14 +20,18 @@ writes only the rows that were accepted, so rejected speculative rows never touc
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mimo_jax.model.config import AttentionSpec, ModelConfig
 from mimo_jax.model.mimo import scan_plan
+from mimo_jax.sharding.rules import ShardingRules, active
 
 
 class LayerKV(NamedTuple):
@@ -36,6 +46,28 @@ class KVCache(NamedTuple):
     ring_pos: jax.Array  # [B, W] position held by each main sliding slot, -1 = empty
     mtp_pos: jax.Array  # [n_mtp, B, W] the same for each MTP head
     length: jax.Array  # [B] main positions 0..length-1 are cached
+
+
+def usable_axes(mesh: Mesh, axes: tuple[str, ...], size: int, taken: tuple[str, ...] = ()
+                ) -> tuple[str, ...]:
+    """The mesh axes (of `axes`, not in `taken`) that split a dimension of `size` evenly;
+    trailing ones are dropped until they do."""
+    axes = tuple(a for a in axes if mesh.shape.get(a, 1) > 1 and a not in taken)
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes
+
+
+def cache_axes(mesh: Mesh, rules: ShardingRules, batch: int, kv_heads: int, slots: int, *,
+               global_layer: bool) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(batch axes, KV-head axes, slot axes) of a [B, Hkv, S, D] cache on a mesh. Only a
+    global layer's cache (slot = position) splits its slots, over the sequence's (`context`)
+    axes; a ring buffer stays whole."""
+    bax = usable_axes(mesh, rules.mesh_axes("batch"), batch)
+    hax = usable_axes(mesh, rules.mesh_axes("kv_heads"), kv_heads, taken=bax)
+    sax = (usable_axes(mesh, rules.mesh_axes("seq"), slots, taken=bax + hax)
+           if global_layer else ())
+    return bax, hax, sax
 
 
 def _slots(spec: AttentionSpec, max_len: int) -> int:
@@ -107,6 +139,36 @@ def write_layer(kv: LayerKV, new: LayerKV, slots_bt: jax.Array) -> LayerKV:
     return LayerKV(_write(kv.k, new.k, slots_bt), _write(kv.v, new.v, slots_bt))
 
 
+def write_global_layer(kv: LayerKV, new: LayerKV, slots_bt: jax.Array) -> LayerKV:
+    """`write_layer` for a global layer: under a mesh whose `context` axis splits the cache's
+    slots (`cache_axes`), each shard writes the rows whose slot it owns (the new rows, a
+    chunk's worth, are gathered; the cache never is)."""
+    ctx = active()
+    if ctx is None:
+        return write_layer(kv, new, slots_bt)
+    mesh, rules = ctx
+    lead = kv.k.ndim - 4
+    b, hkv, s = kv.k.shape[lead:lead + 3]
+    bax, hax, sax = cache_axes(mesh, rules, b, hkv, s, global_layer=True)
+    if not sax:
+        return write_layer(kv, new, slots_bt)
+    bx, hx = bax or None, hax or None
+    cache_spec = P(*(None,) * lead, bx, hx, sax, None)
+    new_spec = P(*(None,) * lead, bx, None, hx, None)
+
+    def local(k, v, nk, nv, slots):
+        s_local = k.shape[lead + 2]
+        loc = slots - jax.lax.axis_index(sax) * s_local
+        loc = jnp.where((loc >= 0) & (loc < s_local), loc, s_local)  # s_local: dropped
+        return write_layer(LayerKV(k, v), LayerKV(nk, nv), loc)
+
+    out = jax.shard_map(local, mesh=mesh,
+                        in_specs=(cache_spec, cache_spec, new_spec, new_spec, P(bx, None)),
+                        out_specs=LayerKV(cache_spec, cache_spec), check_vma=False)(
+        kv.k, kv.v, new.k, new.v, slots_bt)
+    return LayerKV(*out)
+
+
 def write_pos(pos_bs: jax.Array, pos_bt: jax.Array, slots_bt: jax.Array) -> jax.Array:
     b_bt = jnp.broadcast_to(jnp.arange(pos_bs.shape[0])[:, None], slots_bt.shape)
     return pos_bs.at[b_bt, slots_bt].set(pos_bt, mode="drop")
@@ -123,12 +185,18 @@ def commit_main(
         spec = cfg.attention_spec(kind)
         n = cache.ring_pos.shape[1] if spec.window is not None else full_slots(cache, cfg)
         slots[kind] = slot_keep(spec, pos_bt, keep_bt, n) if n else None
+
+    def write(kind, kv, new):
+        if cfg.attention_spec(kind).window is None:
+            return write_global_layer(kv, new, slots[kind])
+        return write_layer(kv, new, slots[kind])
+
     prefix = tuple(
-        write_layer(kv, new, slots[cfg.layer_types[i]])
+        write(cfg.layer_types[i], kv, new)
         for i, (kv, new) in enumerate(zip(cache.prefix, prefix_new, strict=True))
     )
     blocks = tuple(
-        write_layer(kv, new, slots[cfg.layer_types[plan.num_prefix + j]])
+        write(cfg.layer_types[plan.num_prefix + j], kv, new)
         for j, (kv, new) in enumerate(zip(cache.blocks, blocks_new, strict=True))
     )
     ring_pos = cache.ring_pos

@@ -4,33 +4,26 @@ A model loaded with `mimo_jax.load(path, mesh=mesh)` or made by `create_sharded`
 mesh in its parameters' shardings; `serving_mesh` finds it (and the preset rules that placed
 it) so `generate` needs no extra arguments. KV caches are sharded like the activations that
 fill them: batch rows over the batch axes, KV heads over the axes the K/V projections split
-their heads on; ring buffers and the MTP heads' caches alike. Axes that do not divide a
-dimension (a batch of 1, 4 KV heads on 8 tensor shards) are left out, never an error.
+their heads on; ring buffers and the MTP heads' caches alike. A global layer's cache (slot =
+position, max_len slots) also splits its slots over the `context` axis, contiguous blocks of
+S/n slots per shard, so context parallelism divides the long-context cache instead of copying
+it to every shard; ring buffers (W slots) stay whole on each context shard. Axes that do not
+divide a dimension (a batch of 1, 4 KV heads on 8 tensor shards) are left out, never an error.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax.inference.kv_cache import KVCache, LayerKV
+from mimo_jax.inference.kv_cache import KVCache, LayerKV, cache_axes, usable_axes
+from mimo_jax.model.config import ModelConfig
+from mimo_jax.model.mimo import scan_plan
 from mimo_jax.sharding.rules import ShardingRules, active, axes_of
 
 PRESETS = ("fsdp_tensor_expert", "fsdp_expert", "fsdp")
-
-
-def usable_axes(mesh: Mesh, axes: tuple[str, ...], size: int, taken: tuple[str, ...] = ()
-                ) -> tuple[str, ...]:
-    """The mesh axes (of `axes`, not in `taken`) that split a dimension of `size` evenly;
-    trailing ones are dropped until they do."""
-    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in taken)
-    while axes and size % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
-    return axes
 
 
 def _model_mesh(model) -> Mesh | None:
@@ -81,36 +74,55 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules, shape: tuple[int, ...]) -> 
     return NamedSharding(mesh, P(bax or None, *(None,) * (len(shape) - 1)))
 
 
-def kv_spec(mesh: Mesh, rules: ShardingRules, shape: tuple[int, ...]) -> P:
-    """[(blocks,) B, Hkv, S, D]: rows over the batch axes, KV heads over the head axes."""
+def kv_spec(mesh: Mesh, rules: ShardingRules, shape: tuple[int, ...], *,
+            global_layer: bool = False) -> P:
+    """[(blocks,) B, Hkv, S, D]: rows over the batch axes, KV heads over the head axes, and a
+    global layer's slots over the context axis."""
     lead = len(shape) - 4
-    b, hkv = shape[lead], shape[lead + 1]
-    bax = usable_axes(mesh, rules.mesh_axes("batch"), b)
-    hax = usable_axes(mesh, rules.mesh_axes("kv_heads"), hkv, taken=bax)
-    return P(*(None,) * lead, bax or None, hax or None, None, None)
+    bax, hax, sax = cache_axes(mesh, rules, shape[lead], shape[lead + 1], shape[lead + 2],
+                               global_layer=global_layer)
+    return P(*(None,) * lead, bax or None, hax or None, sax or None, None)
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules) -> KVCache:
-    """NamedShardings for every array of a cache (real or abstract)."""
-    def kv(layer: LayerKV) -> LayerKV:
-        return LayerKV(*(NamedSharding(mesh, kv_spec(mesh, rules, x.shape)) for x in layer))
+def global_layers(cache: KVCache, cfg: ModelConfig | None) -> tuple[list[bool], list[bool]]:
+    """Which prefix layers and which block positions of a cache are global (slot = position).
+    Without the config: the caches longer than the ring buffers."""
+    if cfg is None:
+        ring = cache.ring_pos.shape[-1]
+        return ([x.k.shape[-2] > ring for x in cache.prefix],
+                [x.k.shape[-2] > ring for x in cache.blocks])
+    plan = scan_plan(cfg)
+    full = [cfg.attention_spec(kind).window is None for kind in cfg.layer_types]
+    return full[:plan.num_prefix], full[plan.num_prefix:plan.num_prefix + plan.period]
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules,
+                    cfg: ModelConfig | None = None) -> KVCache:
+    """NamedShardings for every array of a cache (real or abstract) of a model with config
+    `cfg` (which layers are global; inferred from the shapes without it)."""
+    def kv(layer: LayerKV, full: bool) -> LayerKV:
+        return LayerKV(*(NamedSharding(mesh, kv_spec(mesh, rules, x.shape, global_layer=full))
+                         for x in layer))
 
     b = cache.length.shape[0]
     bax = usable_axes(mesh, rules.mesh_axes("batch"), b) or None
     # Empty arrays (no MTP heads in use) come out of XLA replicated: keep them so.
     mtp_pos = P(None, bax, None) if cache.mtp_pos.size else P()
+    prefix_full, block_full = global_layers(cache, cfg)
     return KVCache(
-        prefix=tuple(kv(x) for x in cache.prefix),
-        blocks=tuple(kv(x) for x in cache.blocks),
-        mtp=tuple(kv(x) for x in cache.mtp),
+        prefix=tuple(kv(x, f) for x, f in zip(cache.prefix, prefix_full, strict=True)),
+        blocks=tuple(kv(x, f) for x, f in zip(cache.blocks, block_full, strict=True)),
+        mtp=tuple(kv(x, False) for x in cache.mtp),
         ring_pos=NamedSharding(mesh, P(bax, None)),
         mtp_pos=NamedSharding(mesh, mtp_pos),
         length=NamedSharding(mesh, P(bax)),
     )
 
 
-def constrain_cache(cache: KVCache, ctx: tuple[Mesh, ShardingRules] | None) -> KVCache:
+def constrain_cache(cache: KVCache, ctx: tuple[Mesh, ShardingRules] | None,
+                    cfg: ModelConfig | None = None) -> KVCache:
     """Pin a cache computed inside a jitted step to its shardings (a no-op on one device)."""
     if ctx is None:
         return cache
-    return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cache, *ctx))
+    return jax.tree.map(jax.lax.with_sharding_constraint, cache,
+                        cache_shardings(cache, *ctx, cfg))

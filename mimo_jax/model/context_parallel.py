@@ -65,6 +65,11 @@ from jax.sharding import PartitionSpec
 
 import pallas_kernels
 from mimo_jax.sharding.rules import ShardingError, activation_sharding, active, axis_size
+from pallas_kernels.decode import dispatch as decode_dispatch
+from pallas_kernels.decode import pallas_gpu as decode_gpu
+from pallas_kernels.decode import pallas_tpu as decode_tpu
+from pallas_kernels.decode import xla as decode_xla
+from pallas_kernels.decode.reference import query_positions
 
 GLOBAL_IMPLEMENTATIONS = ("allgather", "ring")
 # Finite: masked scores stay finite, so exp(m_prev - m_next) never sees inf - inf.
@@ -497,3 +502,135 @@ def context_attention(
         in_specs=(qkv, qkv, qkv, None if sinks is None else PartitionSpec(hx), seg_spec),
         out_specs=qkv, check_vma=False,
     )(q_btnh, k_btkh, v_btkh, sinks, seg)
+
+
+# ----------------------------------------------------------------- inference (KV-cached attention)
+#
+# Chunked prefill and decoding (`mimo_jax.inference`) keep the sequence in the natural order:
+# a prefill chunk of C tokens is split *contiguously* over the context axis (C/n tokens per
+# shard, by the activations' "seq" constraint), and the cache of every global layer is split
+# over its slots (slot = position, contiguous blocks of S/n slots per shard), so a 256K cache
+# costs each device 1/n of it. Sliding-window layers keep their ring of W slots (128 in the
+# release) whole on every context shard: it is small and every query needs all of it.
+#
+# * Global layer: every shard attends *all* queries of the step (the chunk's queries are
+#   all-gathered; one decode token is whole already) to its own cache slots (and, in a split
+#   chunk, its own slice of the chunk's keys) with a flash-decoding partial (output normalised
+#   over those keys + log-sum-exp); the partials are merged across shards exactly (max of the
+#   log-sum-exps, then a reduce-scatter of the weighted outputs back to each shard's queries,
+#   or an all-reduce when the queries are whole), and the sinks join at the end. Traffic per
+#   layer is O(queries), never O(cache): nothing gathers the cache.
+# * Sliding layer with a split chunk: the chunk's keys/values are all-gathered (C rows) and
+#   each shard runs the plain cached kernel for its queries over [ring; whole chunk].
+
+
+def _cache_part(q, k_cache, v_cache, cache_pos, q_offset, cache_length, *, window, scale):
+    """[(o [B, T, Hq, Dv] f32 normalised over these slots, lse [B, T, Hq])]: the queries over
+    a block of cache slots, by the same implementation `pallas_kernels.cached_attention`
+    would pick (Pallas flash decoding on TPU / GPU, XLA elsewhere)."""
+    name = decode_dispatch._default_implementation(q.shape[-1], v_cache.shape[-1])
+    interpret = jax.default_backend() == "cpu"
+    if name == "pallas_tpu":
+        return decode_tpu.cache_part(q, k_cache, v_cache, cache_pos, q_offset, cache_length,
+                                     window=window, scale=scale,
+                                     block_sizes=decode_tpu.BlockSizes(), interpret=interpret)
+    if name == "pallas_gpu":
+        return decode_gpu.cache_part(q, k_cache, v_cache, cache_pos, q_offset, cache_length,
+                                     window=window, scale=scale,
+                                     block_sizes=decode_gpu.BlockSizes(), interpret=interpret)
+    b, t = q.shape[:2]
+    slot_ok = jnp.arange(k_cache.shape[2])[None, :] < cache_length[:, None]
+    kpos = jnp.where(slot_ok, cache_pos, -1)
+    return [decode_xla.partial_attention(q, k_cache, v_cache, kpos,
+                                         query_positions(q_offset, b, t), window=window,
+                                         scale=scale, heads_major=True)]
+
+
+def _combine(parts):
+    """One (o, lse) from partial softmaxes over disjoint key sets (exact)."""
+    if len(parts) == 1:
+        return parts[0]
+    m = functools.reduce(jnp.maximum, [lse for _, lse in parts])
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    ws = [jnp.exp(lse - m) for _, lse in parts]
+    den = sum(ws[1:], ws[0])
+    o = sum((w[..., None] * o for w, (o, _) in zip(ws, parts, strict=True)),
+            jnp.zeros_like(parts[0][0]))
+    seen = den > 0
+    return (o / jnp.where(seen, den, 1.0)[..., None],
+            jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf))
+
+
+def cached_context_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    cache_pos: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    new_pos: jax.Array,
+    *,
+    q_offset: jax.Array,
+    cache_length: jax.Array,
+    sinks: jax.Array | None,
+    window: int | None,
+    mesh,
+    batch_axes: tuple[str, ...],
+    head_axes: tuple[str, ...],
+    seq_axes: tuple[str, ...],
+    slot_axes: tuple[str, ...],
+) -> jax.Array:
+    """`pallas_kernels.cached_attention` (same arguments, [B]-shaped ``q_offset`` and
+    ``cache_length``) over the context axis: queries and the chunk's keys split over
+    ``seq_axes`` (contiguously; () = whole on every shard), cache slots over ``slot_axes``
+    (contiguous blocks; () = the whole cache on every shard). See the section comment."""
+    if seq_axes and slot_axes and seq_axes != slot_axes:
+        seq_axes = ()  # one axis set for both; the queries are then gathered by the in_specs
+    bx, hx = batch_axes or None, head_axes or None
+    tx, sx = seq_axes or None, slot_axes or None
+    scale = q.shape[-1] ** -0.5
+    rows = PartitionSpec(bx, tx, hx, None)
+    cache_spec = PartitionSpec(bx, hx, sx, None)
+    in_specs = (rows, cache_spec, cache_spec, PartitionSpec(bx, sx), rows, rows,
+                PartitionSpec(bx, tx), PartitionSpec(bx), PartitionSpec(bx),
+                None if sinks is None else PartitionSpec(hx))
+
+    def local(q, kc, vc, cp, kn, vn, npos, qo, ln, sk):
+        tl = q.shape[1]
+        if seq_axes:
+            i = jax.lax.axis_index(seq_axes)
+            q_off_local = qo + i * tl
+        if not slot_axes:  # the cache is whole here: this shard's queries over [cache; chunk]
+            gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)  # noqa: E731
+            return pallas_kernels.cached_attention(
+                q, kc, vc, cp, gather(kn), gather(vn), gather(npos), q_offset=q_off_local,
+                cache_length=ln, sinks=sk, window=window)
+        j = jax.lax.axis_index(slot_axes)
+        s_local = kc.shape[2]
+        ln_local = jnp.clip(ln - j * s_local, 0, s_local)
+        q_all = jax.lax.all_gather(q, seq_axes, axis=1, tiled=True) if seq_axes else q
+        parts = _cache_part(q_all, kc, vc, cp, qo, ln_local, window=window, scale=scale)
+        if seq_axes:  # this shard's slice of the chunk's keys joins its partial
+            parts.append(decode_xla.new_part(q_all, kn, vn, npos, qo, window=window,
+                                             scale=scale))
+        o, lse = _combine(parts)
+        m = jax.lax.pmax(lse, slot_axes)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        w = jnp.exp(lse - m)
+        num = o * w[..., None]
+        if seq_axes:  # back to this shard's queries
+            num = jax.lax.psum_scatter(num, seq_axes, scatter_dimension=1, tiled=True)
+            den = jax.lax.psum_scatter(w, seq_axes, scatter_dimension=1, tiled=True)
+            m = jax.lax.dynamic_slice_in_dim(m, i * tl, tl, axis=1)
+        else:
+            num, den = jax.lax.psum(num, slot_axes), jax.lax.psum(w, slot_axes)
+        seen = den > 0
+        merged = [(num / jnp.where(seen, den, 1.0)[..., None],
+                   jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf))]
+        if not seq_axes:  # the step's own keys, whole on every shard: counted once, here
+            merged.append(decode_xla.new_part(q, kn, vn, npos, qo, window=window, scale=scale))
+        return decode_xla.merge(merged, sk, q.dtype)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=rows,
+                         check_vma=False)(q, k_cache, v_cache, cache_pos, k_new, v_new, new_pos,
+                                          q_offset, cache_length, sinks)

@@ -33,6 +33,7 @@ class MOPDConfig:
     bias_gamma: float = 0.0  # correction-bias update (replay pins routing; off by default)
     # optimiser (AdamW as in training, paper §4.2 SFT values where they apply)
     lr: float = 1e-5
+    end_lr: float | None = None  # None: constant lr after warm-up; else cosine to it by `steps`
     warmup_steps: int = 0
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -74,8 +75,10 @@ class MOPDConfig:
                  f"{len(self.teachers)} domains")
 
     def optimizer_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr, end_lr=self.lr, warmup_steps=self.warmup_steps,
-                           decay_steps=0, steps=self.steps, weight_decay=self.weight_decay,
+        decay = 0 if self.end_lr is None else max(self.steps - self.warmup_steps, 1)
+        return TrainConfig(lr=self.lr, end_lr=self.lr if self.end_lr is None else self.end_lr,
+                           warmup_steps=self.warmup_steps, decay_steps=decay, steps=self.steps,
+                           weight_decay=self.weight_decay,
                            clip_norm=self.clip_norm, b1=self.b1, b2=self.b2)
 
     def to_dict(self) -> dict[str, Any]:

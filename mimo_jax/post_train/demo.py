@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,12 +39,17 @@ from mimo_jax.post_train.sft import sft
 from mimo_jax.post_train.tasks import encode_prompt, make_task
 
 TOKENIZER = {"kind": "byte"}
-TASKS = {"add": {"kind": "mod_add", "modulus": 100},
-         "reverse": {"kind": "reverse", "alphabet": "abcdefgh", "min_len": 3, "max_len": 6}}
+# Easy enough for a 0.5M-parameter model to learn in a few hundred SFT steps on CPU, with
+# held-out prompts that are new: `add` asks for the sum of three digits ("3+1+4=" -> "8";
+# 1,000 prompts, about 200 held out), `reverse` for 2-4 letters out of 6 reversed ("r:abc="
+# -> "cba"; 1,548 prompts). (a + b) mod 10 of two-digit numbers looks easier but is not: no
+# single digit says anything about the answer, and the model did not learn it in 500 steps.
+TASKS = {"add": {"kind": "mod_add", "modulus": 100, "max_operand": 10, "terms": 3},
+         "reverse": {"kind": "reverse", "alphabet": "abcdef", "min_len": 2, "max_len": 4}}
 
 
 def demo_model_config() -> ModelConfig:
-    """A ~0.3M-parameter MiMo with the release's structure (hybrid sliding/global attention
+    """A ~0.5M-parameter MiMo with the release's structure (hybrid sliding/global attention
     with sinks, a dense first layer, sigmoid top-2 MoE with a correction bias, scanned
     blocks) over the byte vocabulary; no MTP heads (MOPD does not use them)."""
     return ModelConfig.tiny(
@@ -56,11 +62,11 @@ def demo_model_config() -> ModelConfig:
 
 
 DEFAULTS: dict[str, Any] = {
-    "seq_len": 20, "batch_size": 64, "base_steps": 150, "teacher_steps": 1500, "sft_lr": 3e-3,
-    "mopd_steps": 200, "eval_prompts": 256, "baseline_domain": "add",
-    "mopd": {"prompts_per_step": 16, "samples_per_prompt": 4, "max_new_tokens": 8,
-             "temperature": 1.0, "lr": 1e-3, "warmup_steps": 10, "alpha": 0.5,
-             "eval_every": 25, "eval_prompts": 128, "save_every": 25},
+    "tasks": TASKS, "seq_len": 16, "batch_size": 64, "base_steps": 60, "teacher_steps": 400,
+    "sft_lr": 3e-3, "mopd_steps": 250, "eval_prompts": 256, "baseline_domain": "add",
+    "mopd": {"prompts_per_step": 16, "samples_per_prompt": 4, "max_new_tokens": 6,
+             "temperature": 1.0, "lr": 2e-3, "end_lr": 1e-4, "warmup_steps": 10, "alpha": 0.5,
+             "eval_every": 50, "eval_prompts": 128, "save_every": 50},
 }
 
 
@@ -76,61 +82,91 @@ def run_demo(workdir: str, overrides: dict[str, Any] | None = None,
     for k, v in (overrides or {}).items():
         if k == "mopd":
             opts["mopd"].update(v)
+        elif k not in opts:
+            raise ValueError(f"unknown demo option {k!r}; known: {sorted(opts)}")
         else:
             opts[k] = v
     os.makedirs(workdir, exist_ok=True)
     tok = load_tokenizer(TOKENIZER)
-    tasks = {d: make_task(s) for d, s in TASKS.items()}
+    tasks = {d: make_task(s) for d, s in opts["tasks"].items()}
     domains = sorted(tasks)
     cfg = demo_model_config()
     t_wall, t_cpu = time.perf_counter(), _cpu_seconds()
     timings: dict[str, float] = {}
     curves: dict[str, list[float]] = {}
+    answer_tokens: dict[str, int] = {}
 
     def draw_from(ds: list[str]):
         def draw(rng: np.random.Generator, n: int):
             return [tasks[ds[i % len(ds)]].sample(rng, "train") for i in range(n)]
         return draw
 
-    def stage(name: str, build: Callable[[], MiMo]) -> str:
+    # The supervised stages are reused on a rerun only if they were built with these options.
+    sft_opts = {k: opts[k] for k in ("tasks", "seq_len", "batch_size", "base_steps",
+                                     "teacher_steps", "sft_lr")}
+
+    def stage(name: str, build: Callable[[], MiMo], key: dict[str, Any],
+              rebuild_on_change: bool = False) -> str:
         path = os.path.join(workdir, name)
         record = os.path.join(path, "stage.json")
         if os.path.isdir(os.path.join(path, "checkpoints")):
-            say(f"{name}: reusing {path}")
-            if os.path.exists(record):
-                with open(record) as f:
-                    timings.update(json.load(f))
-            return path
+            with open(record) as f:
+                rec = json.load(f)
+            if rec.pop("stage_key", None) == json.loads(json.dumps(key)):
+                say(f"{name}: reusing {path}")
+                timings.update(rec)
+                return path
+            if not rebuild_on_change:
+                raise ValueError(f"{path} was built with other options than {key}: use a "
+                                 "fresh --workdir (or delete that stage)")
+            say(f"{name}: options changed, rebuilding {path}")
+            shutil.rmtree(path)
         c0, w0 = _cpu_seconds(), time.perf_counter()
         model = build()
         save_model(path, model, TOKENIZER)
-        spent = {f"{name}_cpu_s": _cpu_seconds() - c0, f"{name}_wall_s": time.perf_counter() - w0}
+        spent: dict[str, Any] = {f"{name}_cpu_s": _cpu_seconds() - c0,
+                                 f"{name}_wall_s": time.perf_counter() - w0}
+        if name in answer_tokens:
+            spent[f"{name}_answer_tokens"] = answer_tokens[name]
         timings.update(spent)
         with open(record, "w") as f:
-            json.dump(spent, f)
+            json.dump({**spent, "stage_key": key}, f)
         return path
 
     def sft_from(start: MiMo, draw, steps: int, seed: int, name: str) -> MiMo:
-        model, losses, _ = sft(start, draw, tok, steps=steps, batch_size=opts["batch_size"],
-                               seq_len=opts["seq_len"], lr=opts["sft_lr"], seed=seed,
-                               log=lambda s: say(f"{name}: {s}"), log_every=250)
+        model, losses, n_tok = sft(start, draw, tok, steps=steps,
+                                   batch_size=opts["batch_size"], seq_len=opts["seq_len"],
+                                   lr=opts["sft_lr"], seed=seed,
+                                   log=lambda s: say(f"{name}: {s}"), log_every=250)
         curves[f"{name}_loss"] = losses
+        answer_tokens[name] = n_tok
         return model
 
     base_path = stage("base", lambda: sft_from(MiMo(cfg, rngs=nnx.Rngs(0)), draw_from(domains),
-                                               opts["base_steps"], 1, "base"))
+                                               opts["base_steps"], 1, "base"), sft_opts)
     teacher_paths = {}
     for i, d in enumerate(domains):
         teacher_paths[d] = stage(
             f"teacher_{d}",
             lambda d=d, i=i: sft_from(load_model(base_path)[0], draw_from([d]),
-                                      opts["teacher_steps"], 10 + i, f"teacher_{d}"))
+                                      opts["teacher_steps"], 10 + i, f"teacher_{d}"), sft_opts)
 
-    mcfg = MOPDConfig(student=base_path, teachers=teacher_paths, tasks=dict(TASKS),
+    mcfg = MOPDConfig(student=base_path, teachers=teacher_paths, tasks=dict(opts["tasks"]),
                       steps=opts["mopd_steps"], **opts["mopd"])
-    c0 = _cpu_seconds()
-    result = mopd(mcfg, os.path.join(workdir, "mopd"), log=say)
+    mopd_dir = os.path.join(workdir, "mopd")
+    saved_cfg = os.path.join(mopd_dir, "mopd_config.json")
+    if os.path.exists(saved_cfg):  # resume only the same run (`steps` may grow; note that
+        # with `end_lr` the lr schedule stretches with it)
+        with open(saved_cfg) as f:
+            old = {k: v for k, v in json.load(f).items() if k != "steps"}
+        new = {k: v for k, v in json.loads(json.dumps(mcfg.to_dict())).items() if k != "steps"}
+        if old != new:
+            raise ValueError(f"{mopd_dir} holds a MOPD run with other options: delete it (the "
+                             "supervised stages are reused) or use a fresh --workdir")
+    c0, w0 = _cpu_seconds(), time.perf_counter()
+    result = mopd(mcfg, mopd_dir, log=say)
     timings["mopd_cpu_s_this_invocation"] = _cpu_seconds() - c0
+    timings["mopd_wall_s_this_invocation"] = time.perf_counter() - w0
     mopd_tokens = result.response_tokens
 
     # The baseline: SFT on the same number of answer tokens, sampled from one teacher.
@@ -155,9 +191,12 @@ def run_demo(workdir: str, overrides: dict[str, Any] | None = None,
         return sft_from(load_model(base_path)[0], teacher_draw, base_steps, 99,
                         f"baseline_sft_{bd}")
 
-    baseline_path = stage(f"baseline_sft_{bd}", baseline_build)
+    baseline_path = stage(f"baseline_sft_{bd}", baseline_build,
+                          {**sft_opts, "baseline_domain": bd, "baseline_steps": base_steps},
+                          rebuild_on_change=True)
 
     say("scoring on held-out prompts")
+    c0, w0 = _cpu_seconds(), time.perf_counter()
     models = {"base (student before MOPD)": base_path, "student after MOPD": None,
               f"SFT baseline (teacher {bd} only)": baseline_path}
     models.update({f"teacher {d}": p for d, p in teacher_paths.items()})
@@ -167,6 +206,8 @@ def run_demo(workdir: str, overrides: dict[str, Any] | None = None,
         scores[name] = {d: score(model, tasks[d], tok, num_prompts=opts["eval_prompts"],
                                  max_new_tokens=mcfg.max_new_tokens) for d in domains}
         say(f"{name}: " + ", ".join(f"{d} {v:.3f}" for d, v in scores[name].items()))
+    timings["scoring_cpu_s"] = _cpu_seconds() - c0
+    timings["scoring_wall_s"] = time.perf_counter() - w0
     ratio = {d: scores["student after MOPD"][d] / max(scores[f"teacher {d}"][d], 1e-9)
              for d in domains}
     out = {

@@ -104,7 +104,8 @@ def _mopd_step(graphdef: nnx.GraphDef, model_cfg, cfg: MOPDConfig):
     settings = dict(alpha=cfg.alpha, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                     temperature=cfg.temperature, bias_gamma=cfg.bias_gamma,
                     routing_replay=cfg.routing_replay, measure_mismatch=cfg.measure_mismatch)
-    opt = (cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.clip_norm, cfg.b1, cfg.b2, cfg.steps)
+    opt = (cfg.lr, cfg.end_lr, cfg.warmup_steps, cfg.weight_decay, cfg.clip_norm, cfg.b1, cfg.b2,
+           cfg.steps)
     key = ("mopd", graphdef, model_cfg, opt, tuple(sorted(settings.items())))
     if key not in _JITTED:
         tx = make_optimizer(cfg.optimizer_config())

@@ -4,7 +4,9 @@ A task yields (prompt, answer) text pairs from a `train` or `heldout` split (a f
 the prompt decides the split, so held-out prompts are never trained on) and scores a
 response: 1.0 for an exact match of the answer, else 0.0. Built in:
 
-- `mod_add`: "a+b=" -> (a + b) mod m, a, b in [0, m) (default m = 100);
+- `mod_add`: "a+b=" -> (a + b) mod m, a, b in [0, max_operand) (default m = 100,
+  max_operand = m); `terms` operands (default 2): "3+1+4=" -> "8" with terms = 3,
+  max_operand = 10 (m = 100 never wraps: a plain sum of digits);
 - `reverse`: "r:abcd=" -> "dcba", letters from `alphabet`, length in [min_len, max_len];
 - `jsonl`: your own prompts: one {"prompt": ..., "answer": ...} per line (exact-match reward).
 """
@@ -64,18 +66,23 @@ class _ExactMatch:
 class ModAdd(_ExactMatch):
     name = "mod_add"
 
-    def __init__(self, modulus: int = 100) -> None:
+    def __init__(self, modulus: int = 100, max_operand: int | None = None,
+                 terms: int = 2) -> None:
         if modulus < 2:
             raise ValueError(f"mod_add: modulus must be >= 2, got {modulus}")
         self.m = modulus
+        self.top = modulus if max_operand is None else int(max_operand)
+        if self.top < 1:
+            raise ValueError(f"mod_add: max_operand must be >= 1, got {max_operand}")
+        if terms < 2:
+            raise ValueError(f"mod_add: terms must be >= 2, got {terms}")
+        self.terms = int(terms)
 
     def draw(self, rng):
-        a, b = rng.integers(0, self.m, size=2)
-        return f"{a}+{b}="
+        return "+".join(str(x) for x in rng.integers(0, self.top, size=self.terms)) + "="
 
     def answer(self, prompt):
-        a, b = prompt[:-1].split("+")
-        return str((int(a) + int(b)) % self.m)
+        return str(sum(int(x) for x in prompt[:-1].split("+")) % self.m)
 
 
 class Reverse(_ExactMatch):

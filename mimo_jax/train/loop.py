@@ -196,7 +196,11 @@ def _train_stage(tc: TrainConfig, workdir: str, *, log=None,
         step = latest
     start_step = step
 
-    train_step = make_train_step(graphdef, tc, cfg, tx)
+    # On a mesh the step hands back its state in the shardings it was given: one compile.
+    shardings = None
+    if placement is not None:
+        shardings = jax.tree.map(lambda x: x.sharding, (params, other, opt_state))
+    train_step = make_train_step(graphdef, tc, cfg, tx, state_shardings=shardings)
     eval_step = make_eval_step(graphdef, tc)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_step = flops_per_token(cfg, tc.seq_len) * tokens_per_step

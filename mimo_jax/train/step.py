@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mimo_jax.model.config import ModelConfig
 from mimo_jax.train.balance import load_imbalance, update_bias
@@ -45,6 +46,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     donate: bool = True,
+    state_shardings: tuple[Any, Any, Any] | None = None,
 ) -> Callable[..., tuple[Any, Any, Any, dict[str, jax.Array]]]:
     """The jitted step ``(params, other, opt_state, batch, step) -> (params, other, opt_state,
     metrics)``.
@@ -52,6 +54,14 @@ def make_train_step(
     With ``donate`` (default) the train state (params, other, opt_state) is donated: XLA updates
     it in place instead of holding two copies, so the caller must use the returned state and
     never read the arrays it passed in again (they are deleted).
+
+    ``state_shardings``: the shardings of (params, other, opt_state) on a mesh (e.g.
+    ``jax.tree.map(lambda x: x.sharding, state)``). The step returns its new state with exactly
+    these shardings (metrics replicated), so the next step's inputs match the first one's and
+    the step compiles once. Left to itself XLA hands back equivalent shardings spelled
+    differently (size-1 mesh axes dropped, e.g. ``P('fsdp', 'tensor')`` -> ``P('fsdp',)``),
+    which ``jax.jit`` treats as new input shardings: step 2 compiled again (seen with
+    ``fsdp=2,context=4``).
     """
     n_heads = 1 + cfg.num_mtp_layers
     a = tc.grad_accum
@@ -114,7 +124,13 @@ def make_train_step(
             metrics["expert_load_imbalance"] = load_imbalance(load)
         return params, other, opt_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2) if donate else ())
+    jit_kw: dict[str, Any] = {}
+    if state_shardings is not None:
+        meshes = [x.mesh for x in jax.tree.leaves(state_shardings) if isinstance(x, NamedSharding)]
+        if meshes:
+            replicated = NamedSharding(meshes[0], PartitionSpec())
+            jit_kw["out_shardings"] = (*state_shardings, replicated)
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2) if donate else (), **jit_kw)
 
 
 def _count_zeros(g: jax.Array) -> jax.Array:
