@@ -26,7 +26,8 @@ class CopyMainHeads(MiMo):
     """Head k (0-based) at t outputs the main hidden state at t+k+1, so its draft is the main
     model's greedy token there: every draft must be accepted."""
 
-    def mtp_hidden_states(self, h_btd, ids_bt, positions_bt, segment_ids_bt):
+    def mtp_hidden_states(self, h_btd, ids_bt, positions_bt, segment_ids_bt, layout=None):
+        assert layout is None  # one device: no context-parallel order to undo
         return jnp.stack([jnp.pad(h_btd[:, k + 1:], ((0, 0), (0, k + 1), (0, 0)))
                           for k in range(len(self.mtp))])
 

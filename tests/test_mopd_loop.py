@@ -41,6 +41,7 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow  # ~2 min on 2 cores; `bash tools/test.sh --slow`
 def test_killed_run_resumes_exactly(checkpoints, tmp_path):
     cfg = MOPDConfig(student=checkpoints["student"],
                      teachers={"add": checkpoints["add"], "reverse": checkpoints["reverse"]},
