@@ -237,6 +237,7 @@ def _cli_run(root, devices, cache, *sets):
     return {r["step"]: r["loss"] for r in rows if r.get("split") != "val"}
 
 
+@pytest.mark.slow  # ~2 min on 2 cores
 def test_resume_on_another_mesh(tmp_path):
     """Saved on 8 devices (fsdp=8), resumed on 4 (fsdp=4): the steps after the resume equal a
     straight run on 4 devices."""

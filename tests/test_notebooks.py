@@ -172,7 +172,12 @@ def test_inject_parameters_follows_the_parameters_cell():
         "import os", "TINY = False", "RUNS = ['a']", "print(TINY)"]
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# The two longest notebooks (~90 s each on 2 cores) run in the slow target.
+_SLOW_NOTEBOOKS = {"03_mtp_acceptance.py", "05_compare_runs.py"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_NOTEBOOKS else n for n in NOTEBOOKS])
 def test_notebook_runs_on_the_tiny_preset(name, kernel_env, tmp_path):
     parameters = {"TINY": True, "OUTPUT_DIR": str(tmp_path / "out")}
     if name == "05_compare_runs.py":  # no run directories: the notebook trains two itself
