@@ -99,19 +99,23 @@ def layer_step(
     start_b: jax.Array,
     kv: LayerKV,
     kpos_bs: jax.Array,
-) -> tuple[jax.Array, LayerKV]:
-    """One decoder layer over the chunk; returns the new hidden and the chunk's keys/values."""
+) -> tuple[jax.Array, LayerKV, jax.Array | None]:
+    """One decoder layer over the chunk; returns the new hidden, the chunk's keys/values and
+    the MoE's routed expert ids [B, T, K] (None for a dense layer; unused outputs cost nothing
+    under jit)."""
     attn = layer.attn
     q, k, v = attn.project_qkv(layer.input_norm(h_btd), pos_bt)
     sinks = None if attn.sinks is None else attn.sinks[...]
     o = cached_attention(q, k, v, kv, kpos_bs, pos_bt, valid_bt, start_b, attn.spec, sinks)
     h_btd = h_btd + attn.output(o)
     x_btd = layer.post_attn_norm(h_btd)
+    ids = None
     if isinstance(layer.mlp, MoE):
-        y_btd, _ = layer.mlp(x_btd, valid_bt)
+        y_btd, router = layer.mlp(x_btd, valid_bt)
+        ids = router.expert_ids
     else:
         y_btd = layer.mlp(x_btd)
-    return constrain(h_btd + y_btd, ("batch", "seq", "act_embed")), LayerKV(k, v)
+    return constrain(h_btd + y_btd, ("batch", "seq", "act_embed")), LayerKV(k, v), ids
 
 
 def main_forward(
@@ -124,6 +128,19 @@ def main_forward(
 ) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...], tuple[LayerKV, ...]]:
     """Main model over a chunk. Returns (hidden before the final norm, after it, the prefix
     layers' new KV, the blocks' new KV stacked [num_blocks, ...])."""
+    return routed_main_forward(model, cache, ids_bt, pos_bt, valid_bt, start_b)[:4]
+
+
+def routed_main_forward(
+    model: MiMo,
+    cache: KVCache,
+    ids_bt: jax.Array,
+    pos_bt: jax.Array,
+    valid_bt: jax.Array,
+    start_b: jax.Array,
+) -> tuple[jax.Array, jax.Array, tuple[LayerKV, ...], tuple[LayerKV, ...], jax.Array | None]:
+    """`main_forward`, plus the routed expert ids of every MoE layer in layer order
+    [L_moe, B, T, K] (None without MoE layers), for rollout routing replay."""
     cfg = model.cfg
     plan = scan_plan(cfg)
     kpos = {}
@@ -136,11 +153,14 @@ def main_forward(
 
     # A chunk splits over the context axis (contiguously) when its length allows.
     h = constrain(model.embed_tokens(ids_bt), ("batch", "seq", "act_embed"))
-    prefix_new = []
+    prefix_new, routes = [], []
     for i, layer in enumerate(model.prefix_layers):
-        h, new = layer_step(layer, h, pos_bt, valid_bt, start_b, cache.prefix[i],
-                            kpos[cfg.layer_types[i]])
+        h, new, ids = layer_step(layer, h, pos_bt, valid_bt, start_b, cache.prefix[i],
+                                 kpos[cfg.layer_types[i]])
         prefix_new.append(new)
+        if ids is not None:
+            routes.append(ids)
+    routes_arr = jnp.stack(routes) if routes else None
     blocks_new: tuple[LayerKV, ...] = ()
     if model.blocks is not None:
         graphdef, state = nnx.split(model.blocks)
@@ -149,14 +169,21 @@ def main_forward(
         def body(h, xs):
             block_state, kvs = xs
             block = nnx.merge(graphdef, block_state)
-            news = []
+            news, block_routes = [], []
             for j, layer in enumerate(block.layers):
-                h, new = layer_step(layer, h, pos_bt, valid_bt, start_b, kvs[j], kpos[kinds[j]])
+                h, new, ids = layer_step(layer, h, pos_bt, valid_bt, start_b, kvs[j],
+                                         kpos[kinds[j]])
                 news.append(new)
-            return h, tuple(news)
+                if ids is not None:
+                    block_routes.append(ids)
+            return h, (tuple(news), jnp.stack(block_routes) if block_routes else None)
 
-        h, blocks_new = jax.lax.scan(body, h, (state, cache.blocks))
-    return h, model.final_norm(h), tuple(prefix_new), blocks_new
+        h, (blocks_new, block_ids) = jax.lax.scan(body, h, (state, cache.blocks))
+        if block_ids is not None:  # [n_blocks, moe_per_block, ...] -> layer order
+            block_ids = block_ids.reshape(-1, *block_ids.shape[2:])
+            routes_arr = block_ids if routes_arr is None else jnp.concatenate(
+                [routes_arr, block_ids])
+    return h, model.final_norm(h), tuple(prefix_new), blocks_new, routes_arr
 
 
 def mtp_forward(
@@ -180,7 +207,7 @@ def mtp_forward(
     z = jnp.einsum("btc,cd->btd", x, head.eh_proj[...].astype(x.dtype))
     kv, kpos = cache.mtp[head_index], cache.mtp_pos[head_index]
     if not last_only:
-        z, new = layer_step(head.layer, z, pos_bt, valid_bt, start_b, kv, kpos)
+        z, new, _ = layer_step(head.layer, z, pos_bt, valid_bt, start_b, kv, kpos)
         return head.final_norm(z), new
     layer = head.layer
     attn = layer.attn

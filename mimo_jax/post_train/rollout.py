@@ -2,10 +2,11 @@
 log-prob and the experts every MoE layer routed it to (for rollout routing replay, R3).
 
 Built on the inference engine's pieces (`init_cache`, `commit_main`, the kernels' cached
-attention, `probabilities`/`sample`); the cached forward is `inference.decode.main_forward`'s
-with the routers' choices kept instead of dropped. One jitted program per (batch, prompt
-length, new tokens): the prompt is prefilled in one chunk, then a `lax.scan` decodes one token
-per row per step; rows that stopped keep running masked (fixed shapes, no recompiles).
+attention, `probabilities`/`sample`); the cached forward is
+`inference.decode.routed_main_forward`, which keeps the routers' choices. One jitted program
+per (batch, prompt length, new tokens): the prompt is prefilled in one chunk, then a
+`lax.scan` decodes one token per row per step; rows that stopped keep running masked
+(fixed shapes, no recompiles).
 
 Layout (as `generate`): row b holds its prompt at 0..len_b-1 and its sampled tokens right
 after; `logp[b, t]` is log mu(tokens[b, t] | tokens[b, :t]) for sampled positions, and
@@ -24,19 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mimo_jax.inference.decode import cached_attention
+from mimo_jax.inference.decode import routed_main_forward
 from mimo_jax.inference.kv_cache import (
     KVCache,
-    LayerKV,
     commit_main,
-    full_slots,
     init_cache,
-    key_positions,
 )
 from mimo_jax.inference.sampling import probabilities, sample, sampling_params
-from mimo_jax.model.mimo import DecoderLayer, MiMo, scan_plan
-from mimo_jax.model.moe import MoE
-from mimo_jax.sharding.rules import constrain
+from mimo_jax.model.mimo import MiMo
 
 
 class Rollout(NamedTuple):
@@ -52,66 +48,12 @@ def num_moe_layers(cfg) -> int:
     return sum(t == "moe" for t in cfg.mlp_types)
 
 
-def _layer_step(layer: DecoderLayer, h_btd, pos_bt, valid_bt, start_b, kv: LayerKV, kpos_bs):
-    """`inference.decode.layer_step`, also returning the MoE's expert ids ([B, T, K] or None)."""
-    attn = layer.attn
-    q, k, v = attn.project_qkv(layer.input_norm(h_btd), pos_bt)
-    sinks = None if attn.sinks is None else attn.sinks[...]
-    o = cached_attention(q, k, v, kv, kpos_bs, pos_bt, valid_bt, start_b, attn.spec, sinks)
-    h_btd = h_btd + attn.output(o)
-    x_btd = layer.post_attn_norm(h_btd)
-    ids = None
-    if isinstance(layer.mlp, MoE):
-        y_btd, router = layer.mlp(x_btd, valid_bt)
-        ids = router.expert_ids
-    else:
-        y_btd = layer.mlp(x_btd)
-    return constrain(h_btd + y_btd, ("batch", "seq", "act_embed")), LayerKV(k, v), ids
-
-
 def routed_forward(model: MiMo, cache: KVCache, ids_bt, pos_bt, valid_bt, start_b):
     """Cached main forward over a chunk. Returns (logits [B, T, V] float32, prefix KV, blocks
     KV, expert ids [L_moe, B, T, K] in layer order)."""
-    cfg = model.cfg
-    plan = scan_plan(cfg)
-    kpos = {}
-    for kind in set(cfg.layer_types):
-        spec = cfg.attention_spec(kind)
-        n = full_slots(cache, cfg) if spec.window is None else cache.ring_pos.shape[1]
-        kpos[kind] = key_positions(spec, cache, n)
-    h = model.embed_tokens(ids_bt)
-    prefix_new, routes = [], []
-    for i, layer in enumerate(model.prefix_layers):
-        h, new, ids = _layer_step(layer, h, pos_bt, valid_bt, start_b, cache.prefix[i],
-                                  kpos[cfg.layer_types[i]])
-        prefix_new.append(new)
-        if ids is not None:
-            routes.append(ids)
-    routes_arr = jnp.stack(routes) if routes else None
-    blocks_new: tuple[LayerKV, ...] = ()
-    if model.blocks is not None:
-        graphdef, state = nnx.split(model.blocks)
-        kinds = [cfg.layer_types[plan.num_prefix + j] for j in range(plan.period)]
-
-        def body(h, xs):
-            block_state, kvs = xs
-            block = nnx.merge(graphdef, block_state)
-            news, ids_m = [], []
-            for j, layer in enumerate(block.layers):
-                h, new, ids = _layer_step(layer, h, pos_bt, valid_bt, start_b, kvs[j],
-                                          kpos[kinds[j]])
-                news.append(new)
-                if ids is not None:
-                    ids_m.append(ids)
-            return h, (tuple(news), jnp.stack(ids_m) if ids_m else None)
-
-        h, (blocks_new, block_ids) = jax.lax.scan(body, h, (state, cache.blocks))
-        if block_ids is not None:  # [n_blocks, moe_per_block, ...] -> layer order
-            block_ids = block_ids.reshape(-1, *block_ids.shape[2:])
-            routes_arr = block_ids if routes_arr is None else jnp.concatenate(
-                [routes_arr, block_ids])
-    logits = model.lm_logits(model.final_norm(h)).astype(jnp.float32)
-    return logits, tuple(prefix_new), blocks_new, routes_arr
+    _, hn, prefix_new, blocks_new, routes = routed_main_forward(
+        model, cache, ids_bt, pos_bt, valid_bt, start_b)
+    return model.lm_logits(hn).astype(jnp.float32), prefix_new, blocks_new, routes
 
 
 def _token_logp(logits_bv, tok_b, params):
