@@ -43,7 +43,22 @@ def _attention(d: dict) -> str:
 
 
 def _moe(d: dict) -> str:
-    return d["headline"]
+    g = d["goals"]
+    ideal = g["spec ours/ideal fwd_bwd_s (goal <= 2)"]
+    ragged = g["speedup_vs_ragged_dot_fwd_bwd (goal >= 20)"]
+    return (f"time {_x(ideal)} the ideal dense chain's (fwd+bwd); {_x(ragged)} faster than "
+            "XLA:CPU `ragged_dot`")
+
+
+GLOBAL_EXTRA = "global layer's extra"
+
+
+def _long_context(d: dict) -> str:
+    p = d["prefill"]
+    last, e = p["rows"][-1], p["exponents"]
+    return (f"prefill to {last['length']} tokens: all-sliding grows with exponent "
+            f"{e['all-sliding']:.2f}, the global layer's extra with {e[GLOBAL_EXTRA]:.2f} "
+            f"({last['global_share']:.0%} of the 5:1 model at {last['length']})")
 
 
 def _convert(d: dict) -> str:
@@ -91,6 +106,8 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "reference, per call time at the release's shapes (Pallas on TPU/GPU)", _decode_attention),
     ("convert.py", "convert", "converter throughput (keep-FP8, bf16) vs raw cold disk reads, "
      "peak memory", _convert),
+    ("long_context.py", "long_context", "prefill cost by layer type (1K-32K tokens), peak "
+     "memory, passkey retrieval after the 2-stage extension recipe", _long_context),
     ("gpu.py", "gpu", "one H100/H200: kernels vs references, attention vs cuDNN, ragged vs "
      "`ragged_dot`, MFU, train step, decode ([docs/kernels.md](docs/kernels.md))", _gpu),
     ("eval.py", "eval", "lm-eval loglikelihood requests/s: the `mimo-jax` backend vs lm-eval's "
@@ -106,10 +123,12 @@ def _first(v) -> float:
 
 
 def _when(d: dict) -> str:
+    if "prefill" in d:  # long_context.json: one section per part; the prefill part's date
+        d = {**d["prefill"]["conditions"], **d["prefill"]}
     meta = d.get("machine") or d.get("meta") or {}
     date = str(meta.get("date", "-"))[:10]
-    load = meta.get("load_avg_start") or d.get("load_average_before")
-    end = meta.get("load_avg_end") or d.get("load_average_after")
+    load = meta.get("load_avg_start") or d.get("load_avg_start") or d.get("load_average_before")
+    end = meta.get("load_avg_end") or d.get("load_avg_end") or d.get("load_average_after")
     if load is None:
         return date
     return f"{date}, load {_first(load):.1f}" + (f" -> {_first(end):.1f}" if end else "")
