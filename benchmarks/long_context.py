@@ -23,7 +23,10 @@ teacher-forced greedy check and the key's log-probability) at 256 .. 4096 tokens
 stage-1 checkpoint (its max length lifted) and the stage-2 checkpoint; `--no-control` skips a
 stage 2 that keeps the 640K base. One command trains (resuming) and evaluates:
 
-    python benchmarks/long_context.py passkey   # stage 1 to step 305, stage 2 to 345
+    python benchmarks/long_context.py passkey   # stage 1 to step 1400, stage 2 to 1500
+
+Training options (--lr, --rotary, --layers, --tail-filler, --short-steps/--short-seq; defaults
+in PASSKEY_DEFAULTS) change only sizes, layout and the data/optimizer of ordinary pre-training.
 """
 
 from __future__ import annotations
@@ -310,41 +313,73 @@ def run_memory(lengths: list[int], chunk: int) -> None:
 # identity in the keys, which a first-layer global attention does not have); no MTP head.
 PASSKEY_MODEL = {"num_layers": 4, "layer_types": ["full", "sliding", "sliding", "full"],
                  "vocab_size": 259, "num_mtp_layers": 0}
+# Training options of the passkey run (`passkey` subcommand flags; see passkey_setup).
+PASSKEY_DEFAULTS = {"lr": 5e-3, "rotary": 1.0, "layers": "full,sliding,sliding,full",
+                    "tail_filler": 1, "short_steps": 0, "short_seq": 256, "tokens": 2048}
 
 
 def passkey_train_config(workdir: str, steps1: int, steps2: int, seq1: int = 512,
                          seq2: int = 2048, filler_text: float = 0.0,
-                         stage2_base: float | None = None):
+                         stage2_base: float | None = None, **options):
     """Stage 1 at `seq1` tokens (global RoPE base 640K) on synthetic passkey documents, then
     stage 2 at `seq2` (base 5M, the report's recipe) on the same kind of documents at `seq2`
-    (same tokens per step), each document exactly one packed row (mimo_jax.data.passkey_docs)."""
+    (same tokens per step), each document exactly one packed row (mimo_jax.data.passkey_docs).
+
+    `options` (PASSKEY_DEFAULTS): `lr` (stage 1's peak; stage 2 a tenth of it), `rotary`
+    (partial_rotary_factor of both layer types: the hub config has one), `layers` (layer
+    types, comma-separated), `tail_filler` (most filler sentences between the repeated
+    questions of a document's tail), `tokens` (per step, all stages); `short_steps` > 0 puts a
+    first stage of that many steps at `short_seq` tokens (shorter documents) before stage 1."""
     from experiments.long_context import BASE_32K, BASE_256K, BASE_SWA
     from mimo_jax.data.passkey_docs import write_jsonl
     from mimo_jax.train import TrainConfig
 
+    unknown = set(options) - set(PASSKEY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown passkey options {sorted(unknown)}")
+    o = {**PASSKEY_DEFAULTS, **options}
     data = os.path.join(workdir, "data")
-    batch1, batch2 = 4, max(1, 4 * seq1 // seq2)
-    # documents for one epoch of training (at least 400 steps' worth: the recorded run's files)
-    n1 = (max(steps1, 400) + 10) * batch1 * 51 // 50
-    n2 = (max(steps2 - steps1, 40) + 10) * batch2 * 51 // 50
-    kw = {"filler_text": filler_text, "tail": "qa", "text_docs": 0.1}
-    src1 = write_jsonl(os.path.join(data, f"passkey-{seq1}.jsonl"), n1, seq1 - 2, seed=1, **kw)
-    src2 = write_jsonl(os.path.join(data, f"passkey-{seq2}.jsonl"), n2, seq2 - 2, seed=2, **kw)
-    model = {**PASSKEY_MODEL, "max_position_embeddings": seq1,
-             "full_attention": {"rope_theta": BASE_32K},
-             "sliding_attention": {"rope_theta": BASE_SWA}}
-    lr = 3e-3
+    tokens = int(o["tokens"])
+    batch1, batch2 = max(1, tokens // seq1), max(1, tokens // seq2)
+    kw = {"filler_text": filler_text, "tail": "qa", "text_docs": 0.1,
+          "tail_filler": int(o["tail_filler"])}
+    tag = "" if kw["tail_filler"] == 3 else f"-t{kw['tail_filler']}"
+
+    def docs(seq: int, steps: int, batch: int, seed: int) -> str:
+        # documents for one epoch of the stage (at least 400 / 40 steps' worth)
+        n = (steps + 10) * batch * 51 // 50
+        return write_jsonl(os.path.join(data, f"passkey-{seq}{tag}-{n}.jsonl"), n, seq - 2,
+                           seed=seed, **kw)
+
+    short = int(o["short_steps"])
+    src1 = docs(seq1, max(steps1 - short, 400), batch1, 1)
+    src2 = docs(seq2, max(steps2 - steps1, 40), batch2, 2)
+    types = [t.strip() for t in str(o["layers"]).split(",")]
+    rot = float(o["rotary"])
+    model = {**PASSKEY_MODEL, "num_layers": len(types), "layer_types": types,
+             "max_position_embeddings": seq1,
+             "full_attention": {"rope_theta": BASE_32K, "partial_rotary_factor": rot},
+             "sliding_attention": {"rope_theta": BASE_SWA, "partial_rotary_factor": rot}}
+    lr = float(o["lr"])
+    stage1 = {"steps": steps1, "batch_size": batch1, "seq_len": seq1, "data.source": src1}
     stage2 = {"steps": steps2, "batch_size": batch2, "seq_len": seq2, "lr": lr / 10,
               "end_lr": lr / 30, "warmup_steps": 0, "decay_steps": steps2 - steps1,
               "bias_gamma": 1e-5, "data.source": src2, "model.max_position_embeddings": seq2,
               "model.full_attention": {"rope_theta": stage2_base or BASE_256K}}
+    first = dict(stage1)
+    stages = [stage2]
+    if short > 0:  # shorter documents first (same tokens per step), then stage 1
+        sq = int(o["short_seq"])
+        first = {"steps": short, "batch_size": max(1, tokens // sq), "seq_len": sq,
+                 "data.source": docs(sq, max(short, 100), max(1, tokens // sq), 3)}
+        stages = [stage1, stage2]
     return TrainConfig.preset("tiny-cpu").override({
         **{f"model.{k}": v for k, v in model.items()},
-        "data.source": src1, "data.val_fraction": 0.01, "data.val_batches": 2,
-        "seq_len": seq1, "batch_size": batch1, "steps": steps1, "lr": lr, "end_lr": lr / 10,
+        "data.val_fraction": 0.01, "data.val_batches": 2,
+        **first, "lr": lr, "end_lr": lr / 10,
         "warmup_steps": 20, "decay_steps": 0, "val_every": 10**6,
-        "save_every": 10**6, "console_every": 25, "keep_checkpoints": 4,
-        "progress_bar": False, "tensorboard": False, "stages": [stage2]})
+        "save_every": 250, "console_every": 25, "keep_checkpoints": 4,
+        "progress_bar": False, "tensorboard": False, "stages": stages})
 
 
 def _eval_checkpoint(workdir: str, step: int, tok, lengths: list[int], depths: list[float],
@@ -397,19 +432,38 @@ def _final_losses(workdir: str) -> dict:
 
 
 def passkey_setup(workdir: str, tc, trials: int, depths: list[float], train_s: dict,
-                  control: bool) -> str:
-    stage1, stage2 = tc.stage_configs()
+                  control: bool, options: dict) -> str:
+    stages = tc.stage_configs()
+    stage1, stage2 = stages[-2], stages[-1]
+    mc = stage1.model_config()
+    types = mc.layer_types
+    glob = [i for i, t in enumerate(types) if t == "full"]
+    fa, sa = mc.full_attention, mc.sliding_attention
+    short = ""
+    if len(stages) == 3:
+        s0 = stages[0]
+        short = (f"Stage 0 (shorter documents first): {s0.steps} steps of {s0.batch_size} x "
+                 f"{s0.seq_len} tokens, same lr; then ")
+    o = {**PASSKEY_DEFAULTS, **options}
     return (
-        f"Run directory {workdir}. Model: `ModelConfig.tiny` with 4 layers (global at 0 and 3, "
-        "sliding 1-2 with window 65 and sinks, MoE 8 experts top-2, hidden 128), no MTP head, "
-        "byte tokenizer. Data (`mimo_jax.data.passkey_docs`, tail='qa', text_docs=0.1): 90% "
+        f"Run directory {workdir}. Model: `ModelConfig.tiny` with {len(types)} layers (global "
+        f"at {', '.join(map(str, glob))}, the others sliding with window {sa.window} and "
+        f"sinks; {fa.num_heads} query / {fa.num_kv_heads} KV heads global, {sa.num_heads} / "
+        f"{sa.num_kv_heads} sliding, head dim {fa.head_dim}, RoPE on "
+        f"{fa.rotary_dim} of the {fa.head_dim} dims (partial_rotary_factor "
+        f"{fa.partial_rotary_factor:g}, both types), MoE {mc.num_experts} experts "
+        f"top-{mc.num_experts_per_tok}, hidden {mc.hidden_size}), no MTP head, byte "
+        "tokenizer. Data (`mimo_jax.data.passkey_docs`, tail='qa', text_docs=0.1, "
+        f"tail_filler={o['tail_filler']}): 90% "
         "of the documents are one passkey episode in the evaluation's template and filler "
         "(random 5-digit key, random needle depth, random episode length), followed by the "
-        "question asked and answered again after more filler until the document is full; 10% "
-        "are plain standard-library text; every document is exactly one training row. "
-        f"Stage 1: {stage1.steps} steps of {stage1.batch_size} x {stage1.seq_len} tokens, lr "
-        f"{stage1.lr:g} constant after {stage1.warmup_steps} warm-up steps, global RoPE base "
-        f"640K. Stage 2 (the extension recipe of experiments/long_context.py): "
+        f"question asked and answered again after 0-{o['tail_filler']} filler sentences, "
+        "repeatedly, until the document is full; 10% are plain standard-library text; every "
+        "document is exactly one training row; the loss is the ordinary next-token loss on "
+        f"every token. {short}"
+        f"Stage 1: to step {stage1.steps}, {stage1.batch_size} x {stage1.seq_len} tokens per "
+        f"step, lr {stage1.lr:g} constant after {stages[0].warmup_steps} warm-up steps, "
+        f"global RoPE base 640K. Stage 2 (the extension recipe of experiments/long_context.py): "
         f"+{stage2.steps - stage1.steps} steps of {stage2.batch_size} x {stage2.seq_len} "
         f"tokens, lr {stage2.lr:g} cosine to {stage2.end_lr:g}, global base 5M, resumed from "
         "stage 1's checkpoint"
@@ -426,7 +480,8 @@ def passkey_setup(workdir: str, tc, trials: int, depths: list[float], train_s: d
 
 
 def run_passkey(workdir: str, lengths: list[int], trials: int, depths: list[float],
-                steps1: int, steps2: int, filler_text: float, control: bool) -> None:
+                steps1: int, steps2: int, filler_text: float, control: bool,
+                options: dict | None = None) -> None:
     import shutil
 
     from experiments.long_context import BASE_32K
@@ -434,11 +489,12 @@ def run_passkey(workdir: str, lengths: list[int], trials: int, depths: list[floa
     from mimo_jax.train import train
     from mimo_jax.train.checkpointing import checkpoint_directory
 
-    tc = passkey_train_config(workdir, steps1, steps2, filler_text=filler_text)
-    stage1, stage2 = tc.stage_configs()
+    options = dict(options or {})
+    tc = passkey_train_config(workdir, steps1, steps2, filler_text=filler_text, **options)
+    stage1 = tc.stage_configs()[-2]
     t0 = time.time()
     result = train(tc, workdir)  # resumes; a no-op when the run is complete
-    train_s = {"stages 1+2": time.time() - t0}
+    train_s = {"all stages": time.time() - t0}
     runs = [(workdir, stage1.steps, "stage 1 (no extension)"),
             (workdir, result.step, "stage 2, base 640K -> 5M (report)")]
     if control:  # the same stage 2 keeping the 640K base, from a copy of stage 1's checkpoint
@@ -448,16 +504,17 @@ def run_passkey(workdir: str, lengths: list[int], trials: int, depths: list[floa
         if not os.path.exists(dst):
             shutil.copytree(src, dst)
         ctc = passkey_train_config(ctrl, steps1, steps2, filler_text=filler_text,
-                                   stage2_base=BASE_32K)
+                                   stage2_base=BASE_32K, **options)
         t0 = time.time()
         cres = train(ctc, ctrl)
         train_s["control stage 2"] = time.time() - t0
         runs.append((ctrl, cres.step, "stage 2, base kept at 640K (control)"))
     tok = spec_tokenizer(tc.data.tokenizer)
     rows = [_eval_checkpoint(w, s, tok, lengths, depths, trials, label) for w, s, label in runs]
-    setup = passkey_setup(workdir, tc, trials, depths, train_s, control)
+    setup = passkey_setup(workdir, tc, trials, depths, train_s, control, options)
     _save("passkey", {"rows": rows, "lengths": list(lengths), "trials": trials,
                       "depths": list(depths), "reading": "", "setup": setup,
+                      "options": {**PASSKEY_DEFAULTS, **options},
                       "train_seconds": train_s,
                       "losses": {w: _final_losses(w) for w in {r[0] for r in runs}}})
 
@@ -479,9 +536,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--lengths", default="256,512,1024,2048,4096")
     b.add_argument("--depths", default="0,0.5,1")
     b.add_argument("--trials", type=int, default=20)
-    b.add_argument("--steps1", type=int, default=305, help="stage 1 ends at this step")
-    b.add_argument("--steps2", type=int, default=345, help="stage 2 ends at this step")
+    b.add_argument("--steps1", type=int, default=1400, help="stage 1 ends at this step")
+    b.add_argument("--steps2", type=int, default=1500, help="stage 2 ends at this step")
     b.add_argument("--filler-text", type=float, default=0.0)
+    b.add_argument("--lr", type=float, default=PASSKEY_DEFAULTS["lr"],
+                   help="stage 1's peak lr (stage 2: a tenth)")
+    b.add_argument("--rotary", type=float, default=PASSKEY_DEFAULTS["rotary"],
+                   help="partial_rotary_factor of both layer types")
+    b.add_argument("--layers", default=PASSKEY_DEFAULTS["layers"],
+                   help="layer types, comma-separated (full / sliding)")
+    b.add_argument("--tail-filler", type=int, default=PASSKEY_DEFAULTS["tail_filler"],
+                   help="most filler sentences between a document's repeated questions")
+    b.add_argument("--short-steps", type=int, default=PASSKEY_DEFAULTS["short_steps"],
+                   help="a first stage of this many steps at --short-seq tokens (0: none)")
+    b.add_argument("--short-seq", type=int, default=PASSKEY_DEFAULTS["short_seq"])
     b.add_argument("--no-control", action="store_true",
                    help="skip the stage-2 control that keeps the 640K base")
     args = p.parse_args(argv)
@@ -493,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_passkey(args.workdir, [int(x) for x in args.lengths.split(",")], args.trials,
                     [float(x) for x in args.depths.split(",")], args.steps1, args.steps2,
-                    args.filler_text, not args.no_control)
+                    args.filler_text, not args.no_control,
+                    {"lr": args.lr, "rotary": args.rotary, "layers": args.layers,
+                     "tail_filler": args.tail_filler, "short_steps": args.short_steps,
+                     "short_seq": args.short_seq})
     return 0
 
 

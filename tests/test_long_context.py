@@ -118,9 +118,11 @@ def test_passkey_documents_are_well_formed():
     text = "def f(x):\n    return x + 1\n" * 50
     rng = random.Random(0)
     depths = []
-    for filler_text, tail in ((0.0, "qa"), (1.0, "text"), (0.0, "text")):
+    for filler_text, tail, tf in ((0.0, "qa", 3), (1.0, "text", 3), (0.0, "text", 3),
+                                  (0.0, "qa", 0)):
         for _ in range(30):
-            doc, info = pd.passkey_document(rng, 510, text, filler_text=filler_text, tail=tail)
+            doc, info = pd.passkey_document(rng, 510, text, filler_text=filler_text, tail=tail,
+                                            tail_filler=tf)
             key, a, n = info["key"], info["answer_at"], info["needle_at"]
             assert len(doc.encode("utf-8")) == 510 and doc.isascii()
             assert len(key) == 5 and key.isdigit()
@@ -134,6 +136,8 @@ def test_passkey_documents_are_well_formed():
             if tail == "qa":  # later answers repeat the same key
                 later = doc[info["episode_bytes"]:].split(pd.QUESTION + " ")[1:]
                 assert all(key.startswith(a[:5]) for a in later)
+                if tf == 0:  # questions back to back: no filler in the tail
+                    assert pd.FILLER not in doc[info["episode_bytes"]:]
             depths.append(info["depth"])
     assert min(depths) < 0.2 and max(depths) > 0.8
     with pytest.raises(ValueError, match="cannot hold"):
@@ -179,4 +183,18 @@ def test_passkey_benchmark_recipe(tmp_path):
     assert s1.model_config().full_attention.rope_theta == 640_000.0
     assert s2.model_config().full_attention.rope_theta == 5_000_000.0
     assert s1.model_config().layer_types == ("full", "sliding", "sliding", "full")
-    assert s1.data.source.endswith("passkey-256.jsonl") and os.path.exists(s2.data.source)
+    assert os.path.basename(s1.data.source).startswith("passkey-256-")
+    assert os.path.exists(s1.data.source) and os.path.exists(s2.data.source)
+    # one rotary fraction for both layer types (the hub config has one)
+    assert (s1.model_config().full_attention.partial_rotary_factor
+            == s1.model_config().sliding_attention.partial_rotary_factor)
+    # a stage of shorter documents first: three stages, same tokens per step
+    tc = passkey_train_config(str(tmp_path / "c"), steps1=30, steps2=34, seq1=512, seq2=1024,
+                              short_steps=10, short_seq=256, tail_filler=0, lr=1e-3)
+    s0, s1, s2 = tc.stage_configs()
+    assert (s0.steps, s0.seq_len, s1.seq_len, s2.seq_len) == (10, 256, 512, 1024)
+    assert s0.batch_size * 256 == s1.batch_size * 512 == s2.batch_size * 1024
+    assert s0.lr == s1.lr == 1e-3 and s2.lr == 1e-4
+    assert s0.model_config().full_attention.rope_theta == 640_000.0
+    with pytest.raises(ValueError, match="unknown passkey options"):
+        passkey_train_config(str(tmp_path / "d"), steps1=30, steps2=34, bogus=1)

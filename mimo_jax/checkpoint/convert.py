@@ -2,11 +2,15 @@
 
 hf-to-orbax reads one released tensor (or one row slab of a large one) at a time, in file
 order, and writes it straight into its slot of the stacked Orbax array: host memory holds a
-bounded read-ahead and two bounded TensorStore transactions, never a stacked group or the
-model. It is a pipeline: worker threads map tensors (no copy), dequantise and transpose them
-into the model's layout in one pass (`fp8.dequantize_into`), in file order but ahead of the
-writer (`pipeline.ordered_map`, a byte budget); the writer fills one transaction while the
-previous one commits (`orbax_io.SlabWriter`), and the output is fsynced once at the end.
+bounded read-ahead, two bounded TensorStore transactions and a bounded pool of free output
+buffers, never a stacked group or the model. It is a pipeline: worker threads map tensors
+(no copy), dequantise and transpose them into the model's layout in one pass
+(`fp8.dequantize_into`), in file order but ahead of the writer (`pipeline.ordered_map`, a
+byte budget); the writer fills one transaction while the previous one commits
+(`orbax_io.SlabWriter`), whose output buffers then go back for reuse (`_Buffers`: no page
+faults or zeroing per tensor) and whose source pages leave the page cache (read once); the
+disk writes committed files back in the background meanwhile, and the output is fsynced
+once at the end.
 orbax-to-hf reads one parameter (one expert of a stacked one) at a time and streams it into
 pre-planned safetensors shards.
 """
@@ -14,13 +18,15 @@ pre-planned safetensors shards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -116,7 +122,7 @@ def hf_to_orbax(src: str, dst: str, *, dtype: str | None = None, keep_fp8: bool 
     # non-FP8 tensors in it too.
     dtype = canonical_dtype(dtype or src_dtype, what="conversion dtype")
     cfg = reader.cfg.replace(dtype=dtype, param_dtype=dtype)
-    shapes = model_shapes(cfg)
+    shapes = reader.shapes if cfg == reader.cfg else model_shapes(cfg)  # (traces the model)
     groups = _groups(reader.maps)
     fp8_paths = {p for p, g in groups.items()
                  if keep_fp8 and all(reader.is_fp8(n) for m in g for n in m.hf_names)}
@@ -199,26 +205,37 @@ def _fill_params(reader: ReleaseReader, groups: dict[Path, list[TensorMap]],
             return reader.nbytes(name) * (part[2] - part[1]) // reader.ckpt.shape(name)[0]
         return sum(_source_bytes(reader, n) for n in names_of(m, part))
 
-    def produce(unit) -> tuple[Path, tuple, np.ndarray, int]:
+    buffers = _Buffers(READ_AHEAD_BYTES)
+
+    def produce(unit) -> tuple[Path, tuple, np.ndarray, int, Callable[[], None]]:
         _, _, path, m, part = unit
         shape, dtype = shapes[path]
         lead = () if m.block is None else (m.block,)
         pshape = shape[len(lead):]
+        taken: list[np.ndarray] = []
+        alloc = functools.partial(buffers.take, into=taken)
         if part is None:
-            value, index = _laid_out(reader, m.kind, m.hf_names, pshape, dtype), lead
+            value, index = _laid_out(reader, m.kind, m.hf_names, pshape, dtype, alloc), lead
         elif part[0] == "e":
-            value = _laid_out(reader, m.kind, names_of(m, part), (1, *pshape[1:]), dtype)[0]
+            value = _laid_out(reader, m.kind, names_of(m, part), (1, *pshape[1:]), dtype,
+                              alloc)[0]
             index = (*lead, part[1])
         else:
             _, a, b = part
             slab = reader.ckpt.file_of(m.hf_names[0]).map(m.hf_names[0], (a, b))
             if m.kind == "copy":
-                value, index = _cast(slab, dtype), (*lead, slice(a, b))
+                value, index = _cast(slab, dtype, alloc), (*lead, slice(a, b))
             else:  # linear: released rows are our columns
-                value = np.empty(slab.shape[::-1], dtype)
+                value = alloc(slab.shape[::-1], dtype)
                 _transpose_into(value, slab)
                 index = (*lead, slice(None), slice(a, b))
-        return path, index, value, source_bytes(m, part)
+        rows = (part[1], part[2]) if part is not None and part[0] == "rows" else None
+
+        def release() -> None:  # once the transaction holding `value` has committed
+            buffers.give(taken)
+            _drop_source(reader, names_of(m, part), rows)
+
+        return path, index, value, source_bytes(m, part), release
 
     def unit_bytes(unit) -> int:
         _, _, path, m, part = unit
@@ -235,23 +252,65 @@ def _fill_params(reader: ReleaseReader, groups: dict[Path, list[TensorMap]],
     # closing(): on an error the workers stop now, not when the traceback is dropped
     with contextlib.closing(ordered_map(produce, ((u, unit_bytes(u)) for u in units),
                                         budget_bytes=READ_AHEAD_BYTES)) as done:
-        for path, index, value, nbytes in done:
-            writer.write(path, index, value)
+        for path, index, value, nbytes, release in done:
+            writer.write(path, index, value, release)
             bar.update(nbytes)
 
 
-def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return x if x.dtype == dtype else x.astype(dtype)
+class _Buffers:
+    """Output arrays recycled: one goes back (`give`) once the transaction holding it has
+    committed, and a later unit of the same size (or up to 2x smaller) reuses it. Fresh
+    arrays cost page faults and page zeroing (a third of the CPU time of a bf16 conversion
+    before), reused ones nothing. Free buffers kept: at most `limit_bytes` (the rest is
+    dropped)."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype, into: list) -> np.ndarray:
+        """An uninitialised array (the caller overwrites all of it); its buffer is appended
+        to `into`, to be given back later."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buf = None
+        with self._lock:
+            fits = [n for n, free in self._free.items() if free and nbytes <= n <= 2 * nbytes]
+            if fits:
+                buf = self._free[min(fits)].pop()
+                self._free_bytes -= buf.nbytes
+        if buf is None:
+            buf = np.empty(nbytes, np.uint8)
+        into.append(buf)
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def give(self, bufs: list[np.ndarray]) -> None:
+        with self._lock:
+            for buf in bufs:
+                if self._free_bytes + buf.nbytes <= self.limit:
+                    self._free.setdefault(buf.nbytes, []).append(buf)
+                    self._free_bytes += buf.nbytes
+
+
+def _new_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return np.empty(shape, dtype)
+
+
+def _cast(x: np.ndarray, dtype: np.dtype, alloc=_new_array) -> np.ndarray:
+    if x.dtype == dtype:
+        return x
+    out = alloc(x.shape, dtype)
+    out[...] = x  # the same rounding as astype
+    return out
 
 
 def _transpose_into(out: np.ndarray, x: np.ndarray) -> None:
-    """out[...] = x.T (2-D, `out` may be strided), in row slabs that stay in the cache."""
-    same = x.dtype == out.dtype
-    src = x.view(_UINT[x.dtype.itemsize]) if same else x
-    dst = out.view(_UINT[out.dtype.itemsize]) if same else out
-    step = max(1, min(128, (1 << 19) // max(1, x.shape[1])))
-    for a in range(0, x.shape[0], step):
-        dst[:, a : a + step] = src[a : a + step].T
+    """out[...] = x.T (2-D, `out` may be strided), a few rows at a time (cache friendly)."""
+    if x.dtype == out.dtype:  # a plain copy of bits (no float semantics in the way)
+        out, x = out.view(_UINT[out.dtype.itemsize]), x.view(_UINT[x.dtype.itemsize])
+    fp8.transpose_rows_into(out, x)  # (else cast in the same copy)
 
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -276,18 +335,18 @@ def _put_transposed(reader: ReleaseReader, out2d: np.ndarray, name: str) -> None
 
 
 def _laid_out(reader: ReleaseReader, kind: str, names: tuple[str, ...],
-              shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+              shape: tuple[int, ...], dtype: np.dtype, alloc=_new_array) -> np.ndarray:
     """`to_model(kind, [tensors of names], shape)` cast to `dtype`, built straight from the
     files: every layout but "copy" is the released [out, in] matrix transposed (reshaped),
     so each tensor is read, dequantised and transposed into its slot in one pass."""
     if kind == "copy":
         name, = names
         if reader.is_fp8(name):
-            out = np.empty(shape, dtype)
+            out = alloc(shape, dtype)
             fp8.dequantize_into(out, *_fp8_tensor(reader, name))
             return out
-        return _cast(reader.ckpt.file_of(name).map(name), dtype)
-    out = np.empty(shape, dtype)
+        return _cast(reader.ckpt.file_of(name).map(name), dtype, alloc)
+    out = alloc(shape, dtype)
     if kind == "linear":  # [out, in] -> [in, out]
         _put_transposed(reader, out, names[0])
     elif kind == "heads_in":  # [n*h, d] -> [d, n, h]
@@ -304,6 +363,16 @@ def _laid_out(reader: ReleaseReader, kind: str, names: tuple[str, ...],
     else:
         raise ValueError(f"unknown tensor kind {kind!r}")
     return out
+
+
+def _drop_source(reader: ReleaseReader, names: tuple[str, ...],
+                 rows: tuple[int, int] | None = None) -> None:
+    """Drop converted source tensors (with their scales) from the page cache: the source is
+    read once, and its freed pages take the output's (measured: keep-fp8 ~25% faster)."""
+    for name in names:
+        reader.ckpt.file_of(name).drop_cached(name, rows)
+        if reader.is_fp8(name):
+            reader.ckpt.file_of(name + SCALE_SUFFIX).drop_cached(name + SCALE_SUFFIX)
 
 
 def _source_bytes(reader: ReleaseReader, name: str) -> int:
@@ -338,7 +407,8 @@ def _fill_fp8(reader: ReleaseReader, groups: dict[Path, list[TensorMap]], writer
         for path, m, j, payload, scale in done:
             lead = () if m.block is None else (m.block,)
             writer.write(path + ("payload",), (*lead, j), payload)
-            writer.write(path + ("scale_inv",), (*lead, j), scale)
+            writer.write(path + ("scale_inv",), (*lead, j), scale,
+                         functools.partial(_drop_source, reader, (m.hf_names[j],)))
             bar.update(payload.nbytes + scale.nbytes)
 
 

