@@ -562,9 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         run_passkey(args.workdir, [int(x) for x in args.lengths.split(",")], args.trials,
                     [float(x) for x in args.depths.split(",")], args.steps1, args.steps2,
                     args.filler_text, not args.no_control,
-                    {"lr": args.lr, "rotary": args.rotary, "layers": args.layers,
-                     "tail_filler": args.tail_filler, "short_steps": args.short_steps,
-                     "short_seq": args.short_seq})
+                    {k: getattr(args, k) for k in PASSKEY_DEFAULTS if hasattr(args, k)})
     return 0
 
 

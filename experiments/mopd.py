@@ -43,6 +43,16 @@ def describe_task(spec: dict) -> str:
     return json.dumps(spec)
 
 
+def _per_stage(timings: dict, kind: str) -> dict[str, float]:
+    """{stage: seconds} from `<stage>_<kind>_s` (built earlier) and
+    `<stage>_<kind>_s_this_invocation` (MOPD, resumed) timing keys."""
+    out = {}
+    for suffix in (f"_{kind}_s", f"_{kind}_s_this_invocation"):
+        out.update({k[: -len(suffix)]: v for k, v in timings.items()
+                    if k.endswith(suffix) and k != suffix[1:]})
+    return out
+
+
 def write_report(workdir: str, command: str, out_dir: str = RESULTS) -> str:
     import matplotlib
 
@@ -113,12 +123,7 @@ def write_report(workdir: str, command: str, out_dir: str = RESULTS) -> str:
     teachers_ok = all(teacher[d] >= 0.6 for d in domains)
     ok = all(reached.values()) and all(base_short.values()) and teachers_ok
     m = o["mopd"]
-    cpu = {k[:-6]: v for k, v in t.items() if k.endswith("_cpu_s")}
-    cpu.update({k[: -len("_cpu_s_this_invocation")]: v for k, v in t.items()
-                if k.endswith("_cpu_s_this_invocation") and k != "cpu_s_this_invocation"})
-    wall = {k[:-7]: v for k, v in t.items() if k.endswith("_wall_s")}
-    wall.update({k[: -len("_wall_s_this_invocation")]: v for k, v in t.items()
-                 if k.endswith("_wall_s_this_invocation") and k != "wall_s_this_invocation"})
+    cpu, wall = _per_stage(t, "cpu"), _per_stage(t, "wall")
     stage_rows = [f"| {k} | {cpu[k]:.0f} | {wall.get(k, float('nan')):.0f} |"
                   for k in ("base", *(f"teacher_{d}" for d in domains), "mopd",
                             f"baseline_sft_{bd}", "scoring") if k in cpu]

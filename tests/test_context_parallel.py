@@ -197,14 +197,11 @@ def test_model_matches_one_device_grid(one_device, mesh_spec, impl):
 
 @pytest.mark.slow  # two training runs (~1 min on 2 free cores); the model test covers grads
 def test_training_with_context_axis_matches_one_device(tmp_path):
-    from test_train_resume import SMALL
+    from test_train_resume import SMALL, tiny_corpus
 
     from mimo_jax.train import TrainConfig, train
 
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        (corpus / f"m{i}.py").write_text(f"def f_{i}(x):\n    return x + {i}\n" * 4)
+    corpus = tiny_corpus(tmp_path / "corpus", 40)
     base = TrainConfig.preset("tiny-cpu").override(
         [*SMALL, f"data.source={corpus}", "batch_size=4", "steps=2", "tensorboard=false",
          "save_every=1000", "model.num_layers=3"]).override(
@@ -225,7 +222,7 @@ def test_train_step_compiles_once_on_a_context_mesh(tmp_path, monkeypatch):
     """The jitted step hands its state back in the shardings it was given, so steps 2.. reuse
     step 1's executable (on `fsdp=2,context=4` some leaves used to come back in another
     layout and step 2 compiled again)."""
-    from test_train_resume import SMALL
+    from test_train_resume import SMALL, tiny_corpus
 
     import mimo_jax.train.loop as loop_mod
     from mimo_jax.train import TrainConfig, train
@@ -238,10 +235,7 @@ def test_train_step_compiles_once_on_a_context_mesh(tmp_path, monkeypatch):
 
     real = loop_mod.make_train_step
     monkeypatch.setattr(loop_mod, "make_train_step", capture)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"m{i}.py").write_text(f"def f_{i}(x):\n    return x + {i}\n" * 4)
+    corpus = tiny_corpus(tmp_path / "corpus", 20)
     tc = TrainConfig.preset("tiny-cpu").override(
         [*SMALL, f"data.source={corpus}", "batch_size=4", "steps=3", "tensorboard=false",
          "save_every=1000", "data.val_batches=0", "seq_len=16", "model.num_mtp_layers=1"]

@@ -80,7 +80,8 @@ def test_caches_are_sharded_like_their_activations():
     assert cache.ring_pos.sharding.spec == P(batch, None)
     assert cache.mtp_pos.sharding.spec == P(None, batch, None)
     # One row cannot be split: batch replicated, heads still over tensor.
-    one = cache_shardings(jax.eval_shape(lambda: new_cache(CFG, 1, 64, 2, None)), mesh, rules)
+    one = cache_shardings(jax.eval_shape(lambda: new_cache(CFG, 1, 64, 2, None)), mesh, rules,
+                         CFG)
     assert one.prefix[0].k.spec == P(None, "tensor", None, None)
 
 

@@ -23,6 +23,14 @@ SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.intermediate_size=
          "console_every=1000", "lr=1e-2"]
 
 
+def tiny_corpus(directory, n_files: int) -> str:
+    """`n_files` small Python files in `directory` (created): a corpus for short runs."""
+    directory.mkdir()
+    for i in range(n_files):
+        (directory / f"m{i}.py").write_text(f"def f_{i}(x):\n    return x + {i}\n" * 4)
+    return str(directory)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from test_train_resume import SMALL
+from test_train_resume import SMALL, tiny_corpus
 
 from mimo_jax.train import TrainConfig, train
 
 
 def test_sharded_training_matches_one_device(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(40):
-        (corpus / f"m{i}.py").write_text(f"def f_{i}(x):\n    return x + {i}\n" * 4)
+    corpus = tiny_corpus(tmp_path / "corpus", 40)
     base = TrainConfig.preset("tiny-cpu").override(
         [*SMALL, f"data.source={corpus}", "batch_size=8", "steps=3", "tensorboard=false",
          "save_every=1000"])

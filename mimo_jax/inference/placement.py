@@ -84,22 +84,17 @@ def kv_spec(mesh: Mesh, rules: ShardingRules, shape: tuple[int, ...], *,
     return P(*(None,) * lead, bax or None, hax or None, sax or None, None)
 
 
-def global_layers(cache: KVCache, cfg: ModelConfig | None) -> tuple[list[bool], list[bool]]:
-    """Which prefix layers and which block positions of a cache are global (slot = position).
-    Without the config: the caches longer than the ring buffers."""
-    if cfg is None:
-        ring = cache.ring_pos.shape[-1]
-        return ([x.k.shape[-2] > ring for x in cache.prefix],
-                [x.k.shape[-2] > ring for x in cache.blocks])
+def global_layers(cfg: ModelConfig) -> tuple[list[bool], list[bool]]:
+    """Which prefix layers and which block positions of a cache are global (slot = position)."""
     plan = scan_plan(cfg)
     full = [cfg.attention_spec(kind).window is None for kind in cfg.layer_types]
     return full[:plan.num_prefix], full[plan.num_prefix:plan.num_prefix + plan.period]
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules,
-                    cfg: ModelConfig | None = None) -> KVCache:
+                    cfg: ModelConfig) -> KVCache:
     """NamedShardings for every array of a cache (real or abstract) of a model with config
-    `cfg` (which layers are global; inferred from the shapes without it)."""
+    `cfg` (which says the layers that are global)."""
     def kv(layer: LayerKV, full: bool) -> LayerKV:
         return LayerKV(*(NamedSharding(mesh, kv_spec(mesh, rules, x.shape, global_layer=full))
                          for x in layer))
@@ -108,7 +103,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules,
     bax = usable_axes(mesh, rules.mesh_axes("batch"), b) or None
     # Empty arrays (no MTP heads in use) come out of XLA replicated: keep them so.
     mtp_pos = P(None, bax, None) if cache.mtp_pos.size else P()
-    prefix_full, block_full = global_layers(cache, cfg)
+    prefix_full, block_full = global_layers(cfg)
     return KVCache(
         prefix=tuple(kv(x, f) for x, f in zip(cache.prefix, prefix_full, strict=True)),
         blocks=tuple(kv(x, f) for x, f in zip(cache.blocks, block_full, strict=True)),
@@ -120,7 +115,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules,
 
 
 def constrain_cache(cache: KVCache, ctx: tuple[Mesh, ShardingRules] | None,
-                    cfg: ModelConfig | None = None) -> KVCache:
+                    cfg: ModelConfig) -> KVCache:
     """Pin a cache computed inside a jitted step to its shardings (a no-op on one device)."""
     if ctx is None:
         return cache

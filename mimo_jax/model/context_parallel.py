@@ -65,11 +65,8 @@ from jax.sharding import PartitionSpec
 
 import pallas_kernels
 from mimo_jax.sharding.rules import ShardingError, activation_sharding, active, axis_size
-from pallas_kernels.decode import dispatch as decode_dispatch
-from pallas_kernels.decode import pallas_gpu as decode_gpu
-from pallas_kernels.decode import pallas_tpu as decode_tpu
 from pallas_kernels.decode import xla as decode_xla
-from pallas_kernels.decode.reference import query_positions
+from pallas_kernels.decode.dispatch import cache_partials
 
 GLOBAL_IMPLEMENTATIONS = ("allgather", "ring")
 # Finite: masked scores stay finite, so exp(m_prev - m_next) never sees inf - inf.
@@ -524,28 +521,6 @@ def context_attention(
 #   each shard runs the plain cached kernel for its queries over [ring; whole chunk].
 
 
-def _cache_part(q, k_cache, v_cache, cache_pos, q_offset, cache_length, *, window, scale):
-    """[(o [B, T, Hq, Dv] f32 normalised over these slots, lse [B, T, Hq])]: the queries over
-    a block of cache slots, by the same implementation `pallas_kernels.cached_attention`
-    would pick (Pallas flash decoding on TPU / GPU, XLA elsewhere)."""
-    name = decode_dispatch._default_implementation(q.shape[-1], v_cache.shape[-1])
-    interpret = jax.default_backend() == "cpu"
-    if name == "pallas_tpu":
-        return decode_tpu.cache_part(q, k_cache, v_cache, cache_pos, q_offset, cache_length,
-                                     window=window, scale=scale,
-                                     block_sizes=decode_tpu.BlockSizes(), interpret=interpret)
-    if name == "pallas_gpu":
-        return decode_gpu.cache_part(q, k_cache, v_cache, cache_pos, q_offset, cache_length,
-                                     window=window, scale=scale,
-                                     block_sizes=decode_gpu.BlockSizes(), interpret=interpret)
-    b, t = q.shape[:2]
-    slot_ok = jnp.arange(k_cache.shape[2])[None, :] < cache_length[:, None]
-    kpos = jnp.where(slot_ok, cache_pos, -1)
-    return [decode_xla.partial_attention(q, k_cache, v_cache, kpos,
-                                         query_positions(q_offset, b, t), window=window,
-                                         scale=scale, heads_major=True)]
-
-
 def _combine(parts):
     """One (o, lse) from partial softmaxes over disjoint key sets (exact)."""
     if len(parts) == 1:
@@ -609,7 +584,8 @@ def cached_context_attention(
         s_local = kc.shape[2]
         ln_local = jnp.clip(ln - j * s_local, 0, s_local)
         q_all = jax.lax.all_gather(q, seq_axes, axis=1, tiled=True) if seq_axes else q
-        parts = _cache_part(q_all, kc, vc, cp, qo, ln_local, window=window, scale=scale)
+        parts = cache_partials(q_all, kc, vc, cp, q_offset=qo, cache_length=ln_local,
+                               window=window, scale=scale)
         if seq_axes:  # this shard's slice of the chunk's keys joins its partial
             parts.append(decode_xla.new_part(q_all, kn, vn, npos, qo, window=window,
                                              scale=scale))

@@ -113,7 +113,7 @@ def run_demo(workdir: str, overrides: dict[str, Any] | None = None,
               rebuild_on_change: bool = False) -> str:
         path = os.path.join(workdir, name)
         record = os.path.join(path, "stage.json")
-        if os.path.isdir(os.path.join(path, "checkpoints")):
+        if os.path.isdir(os.path.join(path, "checkpoints")) and os.path.exists(record):
             with open(record) as f:
                 rec = json.load(f)
             if rec.pop("stage_key", None) == json.loads(json.dumps(key)):
@@ -124,6 +124,7 @@ def run_demo(workdir: str, overrides: dict[str, Any] | None = None,
                 raise ValueError(f"{path} was built with other options than {key}: use a "
                                  "fresh --workdir (or delete that stage)")
             say(f"{name}: options changed, rebuilding {path}")
+        if os.path.isdir(path):  # a stage that changed, or one stopped before its record
             shutil.rmtree(path)
         c0, w0 = _cpu_seconds(), time.perf_counter()
         model = build()

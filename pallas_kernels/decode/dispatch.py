@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode import pallas_gpu
+from pallas_kernels.decode import pallas_gpu, pallas_tpu
+from pallas_kernels.decode import xla as decode_xla
 from pallas_kernels.decode.pallas_tpu import pallas_tpu_cached_attention
 from pallas_kernels.decode.reference import reference_cached_attention
 from pallas_kernels.decode.xla import xla_cached_attention
@@ -125,3 +126,35 @@ def cached_attention(
         sinks=None if sinks is None else sinks.astype(jnp.float32), window=window,
         scale=dqk**-0.5 if scale is None else scale,
     )
+
+
+def cache_partials(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    cache_positions: jax.Array,
+    *,
+    q_offset: jax.Array,
+    cache_length: jax.Array,
+    window: int | None,
+    scale: float,
+) -> list[tuple[jax.Array, jax.Array]]:
+    """The queries over the cache alone, as partial softmaxes [(o [B, T, Hq, Dv] float32
+    normalised over their keys, lse [B, T, Hq])] to merge with other key sets (flash
+    decoding across devices: `mimo_jax.model.context_parallel`), by the implementation
+    `cached_attention` would pick (the reference one has no partials: XLA's stands in).
+    `q_offset` and `cache_length` are [B] int."""
+    name = _default_implementation(q.shape[-1], v_cache.shape[-1])
+    kw = dict(window=window, scale=scale)
+    if name == "pallas_tpu":
+        kw.update(block_sizes=pallas_tpu.BlockSizes(),
+                  interpret=jax.default_backend() == "cpu")
+        return pallas_tpu.cache_part(q, k_cache, v_cache, cache_positions, q_offset,
+                                     cache_length, **kw)
+    if name == "pallas_gpu":
+        kw.update(block_sizes=pallas_gpu.BlockSizes(),
+                  interpret=jax.default_backend() == "cpu")
+        return pallas_gpu.cache_part(q, k_cache, v_cache, cache_positions, q_offset,
+                                     cache_length, **kw)
+    return decode_xla.cache_part(q, k_cache, v_cache, cache_positions, q_offset, cache_length,
+                                 **kw)

@@ -68,6 +68,17 @@ def merge(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None,
     return (out / denom[..., None]).astype(out_dtype)
 
 
+def cache_part(q, k_cache, v_cache, cache_positions, q_offset, cache_length, *, window,
+               scale):
+    """[(o, lse)] of the queries over the cache alone (slots below `cache_length`), as the
+    Pallas implementations' `cache_part`."""
+    b, t = q.shape[:2]
+    slot_ok = jnp.arange(k_cache.shape[2])[None, :] < cache_length[:, None]
+    kpos = jnp.where(slot_ok, cache_positions, -1)
+    return [partial_attention(q, k_cache, v_cache, kpos, query_positions(q_offset, b, t),
+                              window=window, scale=scale, heads_major=True)]
+
+
 def new_part(q, k_new, v_new, new_positions, q_offset, *, window, scale):
     b, t = q.shape[:2]
     return partial_attention(q, k_new, v_new, new_positions, query_positions(q_offset, b, t),
