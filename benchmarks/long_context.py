@@ -11,22 +11,25 @@ Each part updates its section of results/long_context.json and rewrites long_con
 cache holds exactly prompt + 1 positions) of one random prompt of T tokens, on a small model
 with the release's 5:1 layout (6 layers: global at 0, sliding 1-5, window 129 keys) and on the
 same model with every layer sliding. The difference is the global layer's extra cost: its
-cached attention reads all of the cache for every chunk (O(T^2)), a sliding layer a ring of
-129 slots (O(T)). Both are timed in the same run (median of >= 5 after the compiling call);
-an all-global variant, 6 global layers, up to 8K shows what the hybrid saves.
+cached attention reads the filled part of the cache for every chunk (O(T^2)), a sliding layer
+a ring of 129 slots (O(T)). Both are timed in the same run (median of >= 5 after the compiling
+call); an all-global variant, 6 global layers, up to 8K shows what the hybrid saves.
 
 (b) A tiny MiMo (4 layers, global at 0 and 3) trained on synthetic passkey documents
-(`mimo_jax.data.passkey_docs`, one episode per 512-token row): stage 1 at 512 tokens (global
-RoPE base 640K), stage 2 at 2048 (base 5M), the two-stage recipe of experiments/long_context.py
-through `TrainConfig.stages`; then `mimo_jax.eval.passkey` (depths 0 / 0.5 / 1, 20 keys each,
-teacher-forced greedy check and the key's log-probability) at 256 .. 4096 tokens for the
-stage-1 checkpoint (its max length lifted) and the stage-2 checkpoint; `--no-control` skips a
-stage 2 that keeps the 640K base. One command trains (resuming) and evaluates:
+(`mimo_jax.data.passkey_docs`, one episode per 512-token row) after a warm-up on copy
+documents (random strings repeated, where copy heads form): stage 1 at 512 tokens (global
+RoPE base 640K), stage 2 at 2048 (base 5M), the two-stage recipe of
+experiments/long_context.py through `TrainConfig.stages`; then `mimo_jax.eval.passkey`
+(depths 0 / 0.5 / 1, 20 keys each, teacher-forced greedy check and the key's log-probability)
+at 256 .. 4096 tokens for the stage-1 checkpoint (its max length lifted), the stage-2
+checkpoint and a control stage 2 that keeps the 640K base (`--no-control` skips it). One
+command trains (resuming) and evaluates:
 
-    python benchmarks/long_context.py passkey   # stage 1 to step 1400, stage 2 to 1500
+    python benchmarks/long_context.py passkey   # copy to 1000, stage 1 to 2000, 2 to 2100
 
-Training options (--lr, --rotary, --layers, --tail-filler, --short-steps/--short-seq; defaults
-in PASSKEY_DEFAULTS) change only sizes, layout and the data/optimizer of ordinary pre-training.
+Training options (--lr, --weight-decay, --copy-steps, --rotary, --layers, --tail-filler,
+--short-steps/--short-seq; defaults in PASSKEY_DEFAULTS) change only sizes, layout and the
+data/optimizer of ordinary pre-training.
 """
 
 from __future__ import annotations
@@ -163,7 +166,8 @@ def render(out: dict) -> str:
             for r in k["rows"]:
                 for n in k["lengths"]:
                     acc = {c["depth"]: c["accuracy"] for c in r["cells"] if c["length"] == n}
-                    lines.append(f"| step {r['step']} | {n} | "
+                    name = r["checkpoint"].split(":")[0]  # the run's label, step omitted
+                    lines.append(f"| {name}, step {r['step']} | {n} | "
                                  + " | ".join(f"{acc[float(d)]:.2f}" for d in depths) + " |")
         if k.get("reading"):
             lines += ["", k["reading"]]
@@ -226,6 +230,7 @@ def run_prefill(chunk: int, lengths: tuple[int, ...] = LENGTHS,
 def finish_prefill(rows: list[dict], chunk: int, fit_from: int, note: str = "") -> None:
     """Exponents, reading and the results files from the measured rows (also usable on the
     JSON rows a run printed, should it be stopped before the end)."""
+    from pallas_kernels.decode.xla import CACHE_BLOCK
 
     def pts(key: str, lo: int = 0) -> list[tuple[float, float]]:
         return [(r["length"], r[key]["median_s"] if isinstance(r[key], dict) else r[key])
@@ -249,9 +254,10 @@ def finish_prefill(rows: list[dict], chunk: int, fit_from: int, note: str = "") 
         f"with exponent {exps['all-sliding']:.2f} (1 = linear) and the one global layer's extra "
         f"time with {g_exp:.2f} (2 = quadratic); at {last['length']} "
         f"tokens that extra is {last['global_share']:.0%} of the hybrid prefill. Engine detail: "
-        "for every chunk a global layer scores all cache slots (filled or not), so its cost is "
-        "T x max_len, twice the causal minimum; a sliding layer scores its 129-slot ring plus "
-        "the chunk itself.")
+        f"a global layer reads its cache in blocks of {CACHE_BLOCK} slots up to the filled "
+        "length (`pallas_kernels.decode.xla.CACHE_BLOCK`; the Pallas kernels skip unfilled "
+        f"blocks too), so a chunk at offset o scores under o + {CACHE_BLOCK} slots, near the "
+        "causal minimum; a sliding layer scores its 129-slot ring plus the chunk itself.")
     setup = (f"Model: `bench_config` (6 layers, hidden 128, 2 query heads / 1 KV head per "
              f"type, window 129 keys, MoE of 8 experts top-2, float32); one prompt, chunk "
              f"{chunk}, cache = prompt + 1 slots; median of {MIN_REPEATS} timed prefills after "
@@ -314,8 +320,9 @@ def run_memory(lengths: list[int], chunk: int) -> None:
 PASSKEY_MODEL = {"num_layers": 4, "layer_types": ["full", "sliding", "sliding", "full"],
                  "vocab_size": 259, "num_mtp_layers": 0}
 # Training options of the passkey run (`passkey` subcommand flags; see passkey_setup).
-PASSKEY_DEFAULTS = {"lr": 5e-3, "rotary": 1.0, "layers": "full,sliding,sliding,full",
-                    "tail_filler": 1, "short_steps": 0, "short_seq": 256, "tokens": 2048}
+PASSKEY_DEFAULTS = {"lr": 2e-3, "rotary": 1.0, "layers": "full,sliding,sliding,full",
+                    "tail_filler": 1, "short_steps": 0, "short_seq": 256, "tokens": 2048,
+                    "copy_steps": 1000, "weight_decay": 0.0}
 
 
 def passkey_train_config(workdir: str, steps1: int, steps2: int, seq1: int = 512,
@@ -329,15 +336,21 @@ def passkey_train_config(workdir: str, steps1: int, steps2: int, seq1: int = 512
     (partial_rotary_factor of both layer types: the hub config has one), `layers` (layer
     types, comma-separated), `tail_filler` (most filler sentences between the repeated
     questions of a document's tail), `tokens` (per step, all stages); `short_steps` > 0 puts a
-    first stage of that many steps at `short_seq` tokens (shorter documents) before stage 1."""
+    first stage of that many steps at `short_seq` tokens (shorter documents) before stage 1;
+    `copy_steps` > 0 puts before everything a warm-up of that many steps on copy documents
+    (`passkey_docs.copy_document`, random strings repeated) at `short_seq` tokens;
+    `weight_decay` is AdamW's, all stages."""
     from experiments.long_context import BASE_32K, BASE_256K, BASE_SWA
-    from mimo_jax.data.passkey_docs import write_jsonl
+    from mimo_jax.data.passkey_docs import write_copy_jsonl, write_jsonl
     from mimo_jax.train import TrainConfig
 
     unknown = set(options) - set(PASSKEY_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown passkey options {sorted(unknown)}")
     o = {**PASSKEY_DEFAULTS, **options}
+    if int(o["copy_steps"]) + int(o["short_steps"]) >= steps1:
+        raise ValueError(f"copy_steps + short_steps ({o['copy_steps']} + {o['short_steps']}) "
+                         f"must end before stage 1 does (step {steps1})")
     data = os.path.join(workdir, "data")
     tokens = int(o["tokens"])
     batch1, batch2 = max(1, tokens // seq1), max(1, tokens // seq2)
@@ -352,7 +365,7 @@ def passkey_train_config(workdir: str, steps1: int, steps2: int, seq1: int = 512
                            seed=seed, **kw)
 
     short = int(o["short_steps"])
-    src1 = docs(seq1, max(steps1 - short, 400), batch1, 1)
+    src1 = docs(seq1, max(steps1 - short - int(o["copy_steps"]), 400), batch1, 1)
     src2 = docs(seq2, max(steps2 - steps1, 40), batch2, 2)
     types = [t.strip() for t in str(o["layers"]).split(",")]
     rot = float(o["rotary"])
@@ -366,17 +379,23 @@ def passkey_train_config(workdir: str, steps1: int, steps2: int, seq1: int = 512
               "end_lr": lr / 30, "warmup_steps": 0, "decay_steps": steps2 - steps1,
               "bias_gamma": 1e-5, "data.source": src2, "model.max_position_embeddings": seq2,
               "model.full_attention": {"rope_theta": stage2_base or BASE_256K}}
-    first = dict(stage1)
-    stages = [stage2]
+    sq = int(o["short_seq"])
+    pre = []  # stages before stage 1, in order
+    if int(o["copy_steps"]) > 0:
+        n = (int(o["copy_steps"]) + 10) * max(1, tokens // sq) * 51 // 50
+        pre.append({"steps": int(o["copy_steps"]), "batch_size": max(1, tokens // sq),
+                    "seq_len": sq, "data.source": write_copy_jsonl(
+                        os.path.join(data, f"copy-{sq}-{n}.jsonl"), n, sq - 2, seed=4)})
     if short > 0:  # shorter documents first (same tokens per step), then stage 1
-        sq = int(o["short_seq"])
-        first = {"steps": short, "batch_size": max(1, tokens // sq), "seq_len": sq,
-                 "data.source": docs(sq, max(short, 100), max(1, tokens // sq), 3)}
-        stages = [stage1, stage2]
+        pre.append({"steps": int(o["copy_steps"]) + short, "batch_size": max(1, tokens // sq),
+                    "seq_len": sq,
+                    "data.source": docs(sq, max(short, 100), max(1, tokens // sq), 3)})
+    first, stages = (pre[0], [*pre[1:], stage1, stage2]) if pre else (dict(stage1), [stage2])
     return TrainConfig.preset("tiny-cpu").override({
         **{f"model.{k}": v for k, v in model.items()},
         "data.val_fraction": 0.01, "data.val_batches": 2,
         **first, "lr": lr, "end_lr": lr / 10,
+        "weight_decay": float(o["weight_decay"]),
         "warmup_steps": 20, "decay_steps": 0, "val_every": 10**6,
         "save_every": 250, "console_every": 25, "keep_checkpoints": 4,
         "progress_bar": False, "tensorboard": False, "stages": stages})
@@ -439,12 +458,16 @@ def passkey_setup(workdir: str, tc, trials: int, depths: list[float], train_s: d
     types = mc.layer_types
     glob = [i for i, t in enumerate(types) if t == "full"]
     fa, sa = mc.full_attention, mc.sliding_attention
-    short = ""
-    if len(stages) == 3:
-        s0 = stages[0]
-        short = (f"Stage 0 (shorter documents first): {s0.steps} steps of {s0.batch_size} x "
-                 f"{s0.seq_len} tokens, same lr; then ")
     o = {**PASSKEY_DEFAULTS, **options}
+    pre, prev = [], 0  # the stages before stage 1: copy warm-up, then shorter documents
+    for st in stages[:-2]:
+        kind = ("copy documents (random strings of 8-40 letters/digits repeated, "
+                "`passkey_docs.copy_document`)" if "copy-" in os.path.basename(st.data.source)
+                else "shorter passkey documents")
+        pre.append(f"steps {prev}-{st.steps} on {kind}, {st.batch_size} x {st.seq_len} "
+                   "tokens per step, same lr")
+        prev = st.steps
+    short = f"Before stage 1: {'; '.join(pre)}. " if pre else ""
     return (
         f"Run directory {workdir}. Model: `ModelConfig.tiny` with {len(types)} layers (global "
         f"at {', '.join(map(str, glob))}, the others sliding with window {sa.window} and "
@@ -462,7 +485,8 @@ def passkey_setup(workdir: str, tc, trials: int, depths: list[float], train_s: d
         "document is exactly one training row; the loss is the ordinary next-token loss on "
         f"every token. {short}"
         f"Stage 1: to step {stage1.steps}, {stage1.batch_size} x {stage1.seq_len} tokens per "
-        f"step, lr {stage1.lr:g} constant after {stages[0].warmup_steps} warm-up steps, "
+        f"step, lr {stage1.lr:g} constant after {stages[0].warmup_steps} warm-up steps "
+        f"(AdamW weight decay {stage1.weight_decay:g}), "
         f"global RoPE base 640K. Stage 2 (the extension recipe of experiments/long_context.py): "
         f"+{stage2.steps - stage1.steps} steps of {stage2.batch_size} x {stage2.seq_len} "
         f"tokens, lr {stage2.lr:g} cosine to {stage2.end_lr:g}, global base 5M, resumed from "
@@ -536,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--lengths", default="256,512,1024,2048,4096")
     b.add_argument("--depths", default="0,0.5,1")
     b.add_argument("--trials", type=int, default=20)
-    b.add_argument("--steps1", type=int, default=1400, help="stage 1 ends at this step")
-    b.add_argument("--steps2", type=int, default=1500, help="stage 2 ends at this step")
+    b.add_argument("--steps1", type=int, default=2000, help="stage 1 ends at this step")
+    b.add_argument("--steps2", type=int, default=2100, help="stage 2 ends at this step")
     b.add_argument("--filler-text", type=float, default=0.0)
     b.add_argument("--lr", type=float, default=PASSKEY_DEFAULTS["lr"],
                    help="stage 1's peak lr (stage 2: a tenth)")
@@ -550,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--short-steps", type=int, default=PASSKEY_DEFAULTS["short_steps"],
                    help="a first stage of this many steps at --short-seq tokens (0: none)")
     b.add_argument("--short-seq", type=int, default=PASSKEY_DEFAULTS["short_seq"])
+    b.add_argument("--copy-steps", type=int, default=PASSKEY_DEFAULTS["copy_steps"],
+                   help="a warm-up of this many steps on copy documents first (0: none)")
+    b.add_argument("--weight-decay", type=float, default=PASSKEY_DEFAULTS["weight_decay"])
     b.add_argument("--no-control", action="store_true",
                    help="skip the stage-2 control that keeps the 640K base")
     args = p.parse_args(argv)

@@ -58,7 +58,18 @@ def _long_context(d: dict) -> str:
     last, e = p["rows"][-1], p["exponents"]
     return (f"prefill to {last['length']} tokens: all-sliding grows with exponent "
             f"{e['all-sliding']:.2f}, the global layer's extra with {e[GLOBAL_EXTRA]:.2f} "
-            f"({last['global_share']:.0%} of the 5:1 model at {last['length']})")
+            f"({last['global_share']:.0%} of the 5:1 model at {last['length']})"
+            + _passkey(d.get("passkey")))
+
+
+def _passkey(k: dict | None) -> str:
+    """Passkey accuracy at the longest length for each evaluated checkpoint."""
+    if not k or not k.get("rows"):
+        return ""
+    n = str(max(k["lengths"]))
+    accs = " / ".join(f"{r['accuracy'][n]:.2f} {r['checkpoint'].split(':')[0]}"
+                     for r in k["rows"])
+    return f"; passkey accuracy at {n} tokens: {accs}"
 
 
 def _convert(d: dict) -> str:

@@ -148,6 +148,26 @@ class DecodeCase:
 
         return f
 
+    def partial_args(self) -> list[jax.ShapeDtypeStruct]:
+        """q, the cache, its positions, q_offset and cache_length: `partials`' arguments."""
+        a = self.args()
+        return [*a[:4], *a[7:9]]
+
+    def partials(self, implementation: str):
+        """The queries over the cache alone as (o, lse) partials: what context-parallel
+        decoding runs on each device's slice of a global cache before merging across devices
+        (`pallas_kernels.decode.cache_partials`), compiled (never interpreted)."""
+        from pallas_kernels.decode import pallas_gpu, pallas_tpu
+
+        mod = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}[implementation]
+
+        def f(q, k_cache, v_cache, cache_pos, q_offset, length):
+            return mod.cache_part(q, k_cache, v_cache, cache_pos, q_offset, length,
+                                  window=self.window, scale=HEAD_DIM**-0.5,
+                                  block_sizes=mod.BlockSizes(), interpret=False)
+
+        return f
+
 
 DECODE_CASES = [
     DecodeCase(kv_heads=8, slots=128, window=128, sinks=True),  # sliding layers, decode

@@ -169,13 +169,15 @@ def test_passkey_jsonl_packs_one_document_per_row(tmp_path):
 
 
 def test_passkey_benchmark_recipe(tmp_path):
+    import json
     import os
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.long_context import passkey_train_config
 
-    tc = passkey_train_config(str(tmp_path), steps1=30, steps2=34, seq1=256, seq2=1024)
+    tc = passkey_train_config(str(tmp_path), steps1=30, steps2=34, seq1=256, seq2=1024,
+                              copy_steps=0)
     s1, s2 = tc.stage_configs()
     tc.validate(tc.model_config())
     assert (s1.seq_len, s2.seq_len, s2.steps) == (256, 1024, 34)
@@ -190,11 +192,27 @@ def test_passkey_benchmark_recipe(tmp_path):
             == s1.model_config().sliding_attention.partial_rotary_factor)
     # a stage of shorter documents first: three stages, same tokens per step
     tc = passkey_train_config(str(tmp_path / "c"), steps1=30, steps2=34, seq1=512, seq2=1024,
-                              short_steps=10, short_seq=256, tail_filler=0, lr=1e-3)
+                              short_steps=10, short_seq=256, tail_filler=0, lr=1e-3,
+                              copy_steps=0)
     s0, s1, s2 = tc.stage_configs()
     assert (s0.steps, s0.seq_len, s1.seq_len, s2.seq_len) == (10, 256, 512, 1024)
     assert s0.batch_size * 256 == s1.batch_size * 512 == s2.batch_size * 1024
     assert s0.lr == s1.lr == 1e-3 and s2.lr == 1e-4
     assert s0.model_config().full_attention.rope_theta == 640_000.0
+    # the copy warm-up (the default), then shorter documents, then the two stages
+    tc = passkey_train_config(str(tmp_path / "e"), steps1=30, steps2=34, seq1=512, seq2=1024,
+                              copy_steps=8, short_steps=6, short_seq=256, weight_decay=0.05)
+    c, s0, s1, s2 = tc.stage_configs()
+    assert [st.steps for st in (c, s0, s1, s2)] == [8, 14, 30, 34]
+    assert os.path.basename(c.data.source).startswith("copy-256-")
+    assert os.path.basename(s0.data.source).startswith("passkey-256-")
+    assert c.batch_size * 256 == s1.batch_size * 512
+    assert all(st.weight_decay == 0.05 for st in (c, s0, s1, s2))
+    with open(c.data.source) as f:
+        doc = json.loads(f.readline())["text"]
+    period = doc.index(". ") + 2  # a random string repeated
+    assert len(doc) == 254 and doc[period:2 * period] == doc[:period]
+    with pytest.raises(ValueError, match="before stage 1"):
+        passkey_train_config(str(tmp_path / "f"), steps1=30, steps2=34, copy_steps=30)
     with pytest.raises(ValueError, match="unknown passkey options"):
         passkey_train_config(str(tmp_path / "d"), steps1=30, steps2=34, bogus=1)

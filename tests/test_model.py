@@ -57,8 +57,8 @@ def _lower_flash(num_blocks: int) -> tuple[float, int]:
 
 def test_flash_lowering_does_not_grow_with_depth():
     _lower_flash(2)  # warm caches
-    t2, eqns2 = _lower_flash(2)
-    t7, eqns7 = _lower_flash(7)
+    # best of 3: a single timing is at the mercy of the other xdist worker on a 2-core machine
+    (t2, eqns2), (t7, eqns7) = (min(_lower_flash(n) for _ in range(3)) for n in (2, 7))
     assert eqns2 == eqns7  # the repeated blocks are one scan
     assert t7 < 1.5 * t2 + 1.0, (t2, t7)
 

@@ -129,6 +129,32 @@ def passkey_documents(n_docs: int, n_bytes: int, *, seed: int = 0, filler_text: 
                                    tail_filler=tail_filler)
 
 
+COPY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def copy_document(rng: random.Random, n_bytes: int, min_len: int = 8, max_len: int = 40) -> str:
+    """A random string (letters and digits, `min_len`..`max_len` bytes) repeated, ". " between
+    the copies, cut to exactly `n_bytes`: a warm-up corpus on which a small model forms
+    previous-token and copy (induction) heads in a few minutes, the circuit that retrieving a
+    passkey needs and that the sparse key digits of passkey documents alone teach slowly."""
+    s = "".join(rng.choice(COPY_ALPHABET) for _ in range(rng.randint(min_len, max_len)))
+    return ((s + ". ") * (n_bytes // (len(s) + 2) + 1))[:n_bytes]
+
+
+def write_copy_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0) -> str:
+    """Write `n_docs` copy documents (`copy_document`) as JSONL, unless `path` exists."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rng = random.Random(seed)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for _ in range(n_docs):
+            f.write(json.dumps({"text": copy_document(rng, n_bytes)}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0,
                 filler_text: float = 0.0, min_episode: int | None = None, tail: str = "text",
                 text_docs: float = 0.0, tail_filler: int = 3) -> str:

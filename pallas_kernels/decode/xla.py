@@ -68,15 +68,54 @@ def merge(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None,
     return (out / denom[..., None]).astype(out_dtype)
 
 
+# Slots per step of the cache pass over a large cache: a chunked prefill (or a decode early
+# in a long cache) reads the blocks holding its keys, not all `max_len` slots.
+CACHE_BLOCK = 1024
+
+
 def cache_part(q, k_cache, v_cache, cache_positions, q_offset, cache_length, *, window,
-               scale):
+               scale, block: int | None = None):
     """[(o, lse)] of the queries over the cache alone (slots below `cache_length`), as the
-    Pallas implementations' `cache_part`."""
+    Pallas implementations' `cache_part`. A cache of more than `block` (default
+    `CACHE_BLOCK`) slots is read in
+    blocks of `block` up to the batch's longest `cache_length`, merged by online softmax
+    (forward only: a while loop)."""
     b, t = q.shape[:2]
-    slot_ok = jnp.arange(k_cache.shape[2])[None, :] < cache_length[:, None]
-    kpos = jnp.where(slot_ok, cache_positions, -1)
-    return [partial_attention(q, k_cache, v_cache, kpos, query_positions(q_offset, b, t),
-                              window=window, scale=scale, heads_major=True)]
+    s = k_cache.shape[2]
+    block = CACHE_BLOCK if block is None else block
+    qpos = query_positions(q_offset, b, t)
+    if s <= block:
+        slot_ok = jnp.arange(s)[None, :] < cache_length[:, None]
+        kpos = jnp.where(slot_ok, cache_positions, -1)
+        return [partial_attention(q, k_cache, v_cache, kpos, qpos, window=window, scale=scale,
+                                  heads_major=True)]
+    hq, dv = q.shape[2], v_cache.shape[-1]
+
+    def step(i, carry):
+        o_acc, m, denom = carry
+        # the last block may overlap the one before it: slots below i * block are done
+        start = jnp.minimum(i * block, s - block)
+        idx = start + jnp.arange(block)
+        ok = (idx >= i * block)[None, :] & (idx[None, :] < cache_length[:, None])
+        kpos = jnp.where(ok, jax.lax.dynamic_slice_in_dim(cache_positions, start, block, 1), -1)
+        o, lse = partial_attention(
+            q, jax.lax.dynamic_slice_in_dim(k_cache, start, block, 2),
+            jax.lax.dynamic_slice_in_dim(v_cache, start, block, 2), kpos, qpos,
+            window=window, scale=scale, heads_major=True)
+        m_new = jnp.maximum(m, lse)
+        ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        keep, add = jnp.exp(m - ref), jnp.exp(lse - ref)
+        return o_acc * keep[..., None] + o * add[..., None], m_new, denom * keep + add
+
+    n_blocks = (jnp.max(jnp.minimum(cache_length, s)) + block - 1) // block
+    init = (jnp.zeros((b, t, hq, dv), jnp.float32), jnp.full((b, t, hq), -jnp.inf),
+            jnp.zeros((b, t, hq), jnp.float32))
+    o, m, denom = jax.lax.fori_loop(0, n_blocks, step, init)
+    seen = denom > 0
+    o = o / jnp.where(seen, denom, 1.0)[..., None]
+    lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(seen, denom, 1.0)),
+                    -jnp.inf)
+    return [(o, lse)]
 
 
 def new_part(q, k_new, v_new, new_positions, q_offset, *, window, scale):
@@ -101,9 +140,16 @@ def xla_cached_attention(
     scale: float,
 ) -> jax.Array:
     """One softmax over the scores of [cache slots; new keys] (only the scores are joined,
-    never the keys), the sinks in its denominator; fewest ops for XLA:CPU."""
+    never the keys), the sinks in its denominator; fewest ops for XLA:CPU. A cache of more
+    than `CACHE_BLOCK` slots is read block by block up to `cache_length` (`cache_part`)."""
     b, t, hq, dqk = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
+    if s > CACHE_BLOCK:
+        parts = cache_part(q, k_cache, v_cache, cache_positions, q_offset, cache_length,
+                           window=window, scale=scale)
+        parts.append(new_part(q, k_new, v_new, new_positions, q_offset, window=window,
+                              scale=scale))
+        return merge(parts, sinks, q.dtype)
     g = hq // hkv
     out_dtype = q.dtype
     if jax.default_backend() == "cpu" and q.dtype != jnp.float32:

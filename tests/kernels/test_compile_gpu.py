@@ -82,3 +82,11 @@ def test_decode_attention_lowers_and_verifies(case):
     kernels = lower_for_gpu(case.forward("pallas_gpu"), *case.args())
     assert [k.name for k in kernels] == ["cached_attention_gpu"]
     assert all(k.ok for k in kernels)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
+def test_cache_partials_lower_and_verify(case):
+    """Context-parallel decoding's per-device cache pass (o, lse partials) reaches Triton."""
+    kernels = lower_for_gpu(case.partials("pallas_gpu"), *case.partial_args())
+    assert [k.name for k in kernels] == ["cached_attention_gpu"]
+    assert all(k.ok for k in kernels)

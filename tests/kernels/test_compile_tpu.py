@@ -167,3 +167,15 @@ def test_decode_attention_compiles(gen, case):
     assert not copies, copies
     k_bytes = _nbytes(case.args()[1:2])
     assert MemoryUse.of(compiled).temp <= k_bytes * 4 // 3 + 8 * MIB
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("gen", GENERATIONS)
+def test_cache_partials_compile(gen, case):
+    """Context-parallel decoding's per-device cache pass (o, lse partials) through Mosaic and
+    XLA:TPU; its scratch stays within a copy of the cache (the entry relayout) and the
+    float32 partials."""
+    compiled = compile_for_tpu(case.partials("pallas_tpu"), *case.partial_args(), topology=gen)
+    out = _nbytes(jax.eval_shape(case.partials("pallas_tpu"), *case.partial_args()))
+    budget = _nbytes(case.args()[1:3]) + 2 * out + 8 * MIB
+    assert MemoryUse.of(compiled).temp <= budget, (MemoryUse.of(compiled), budget)

@@ -80,6 +80,23 @@ def test_matches_reference(impl, case):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[f"case{c[0]}" for c in CASES])
+def test_xla_blocked_cache_pass_matches_reference(case, monkeypatch):
+    """A cache larger than `CACHE_BLOCK` is read block by block up to `cache_length` (online
+    softmax; the last block overlaps the one before when the size does not divide)."""
+    import pallas_kernels.decode.xla as decode_xla
+
+    monkeypatch.setattr(decode_xla, "CACHE_BLOCK", 8)
+    seed, b, t, n, s, hq, hkv, dqk, dv, ring, window, sinks = case
+    kw = _case(seed + 10, b, t, n, s, hq, hkv, dqk, dv, ring=ring)
+    if not sinks:
+        kw["sinks"] = None
+    want = reference(**kw, window=window, scale=dqk**-0.5)
+    got = jax.jit(xla_cached_attention, static_argnames=("window", "scale"))(
+        **kw, window=window, scale=dqk**-0.5)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("impl", sorted(IMPLS))
 def test_bf16_cache(impl):
     kw = _case(7, 2, 2, 2, 24, 8, 2, 32, 32, ring=False, dtype=jnp.bfloat16)
