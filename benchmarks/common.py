@@ -74,6 +74,31 @@ def time_runs(fn: Callable[[], object], repeats: int = MIN_REPEATS, warmup: int 
     return times
 
 
+def interleaved_runs(fns: dict[str, Callable[[], object]], repeats: int = MIN_REPEATS,
+                     warmup: int = 1, settle: int = 0) -> dict[str, list[float]]:
+    """Seconds of max(repeats, MIN_REPEATS) timed calls of each function, taken in rounds
+    (one timed call of each per round, the order rotating) after `warmup` untimed rounds.
+
+    Sides compared this way see the same drift of a shared machine (its speed moves by 20-30%
+    over minutes here), which timing one side after the other does not. `settle` untimed
+    calls precede each timed one, so a side is not charged for its predecessor's leftovers
+    (torch's OpenMP workers still spinning when a jax step starts, cold caches).
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(max(repeats, MIN_REPEATS)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(settle):
+                fns[name]()
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def median_seconds(fn: Callable[[], object], repeats: int = MIN_REPEATS, warmup: int = 1) -> float:
     """Median seconds of `fn` over max(repeats, MIN_REPEATS) runs after `warmup` runs."""
     return statistics.median(time_runs(fn, repeats, warmup))

@@ -1,15 +1,18 @@
 """Forward tokens/s: our jitted model against transformers eager, same config and weights.
 
 Config: ~50M parameters, 8 layers, 32 experts top-4, sequence 1024, float32 on CPU.
-Goal (issue 2): ours at least 3x faster. Both sides: one warm-up call, then the median of
-REPEATS calls; load average before/after each side, torch's thread count and the transformers
-attention / experts implementations (its defaults on this CPU) are recorded.
+Goal (issue 2): ours at least 3x faster. Every side: one warm-up call, then the median of
+REPEATS calls, the sides interleaved (one call of each per round, so a drifting shared machine
+slows all alike); the load average before/after, torch's thread count, the transformers
+attention / experts implementations (its defaults on this CPU) and the MFU of each side
+against the measured f32 matmul peak are recorded.
 Run: .venv/bin/python benchmarks/forward.py
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -20,16 +23,17 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import median_seconds, write_results  # noqa: E402
+from common import interleaved_runs, write_results  # noqa: E402
 
 import mimo_jax  # noqa: E402
+from mimo_jax.train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 
 HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
                  moe_intermediate_size=160, num_hidden_layers=8, num_attention_heads=6,
                  num_key_value_heads=1, head_dim=96, v_head_dim=64, n_routed_experts=32,
                  num_experts_per_tok=4, sliding_window=129, max_position_embeddings=4096)
 BATCH, SEQ = 2, 1024
-REPEATS = 5
+REPEATS = 7
 
 
 def _load() -> list[float]:
@@ -52,27 +56,38 @@ def main() -> None:
     t0 = time.perf_counter()
     ours = jax.block_until_ready(forward(model, x))
     compile_s = time.perf_counter() - t0
-    load_ours = [_load()]
-    ours_s = median_seconds(lambda: jax.block_until_ready(forward(model, x)), repeats=REPEATS)
-    load_ours.append(_load())
-
     with torch.no_grad():
-        ref = hf(ids).logits.numpy()  # also the warm-up
-        load_ref = [_load()]
-        ref_s = median_seconds(lambda: hf(ids), repeats=REPEATS)
-        load_ref.append(_load())
-        # Default experts kernel (grouped_mm) vs the "eager" loop: compare with the faster.
-        default_impl = hf.config._experts_implementation
-        hf.config._experts_implementation = "eager"
-        hf(ids)
-        eager_s = median_seconds(lambda: hf(ids), repeats=REPEATS)
-        hf.config._experts_implementation = default_impl
-    by_impl = {default_impl: round(ref_s * 1e3), "eager": round(eager_s * 1e3)}
-    best_impl = default_impl if ref_s <= eager_s else "eager"
-    ref_s = min(ref_s, eager_s)
+        ref = hf(ids).logits.numpy()
+
+    def torch_forward(experts: str):
+        def run():
+            hf.config._experts_implementation = experts
+            with torch.no_grad():
+                hf(ids)
+        return run
+
+    # Default experts kernel (grouped_mm) and the "eager" loop, compared with the faster;
+    # every side in interleaved rounds so that all see the same drift of the machine.
+    default_impl = hf.config._experts_implementation
+    load_before = _load()
+    times = interleaved_runs({
+        "ours": lambda: jax.block_until_ready(forward(model, x)),
+        **{k: torch_forward(k) for k in dict.fromkeys([default_impl, "eager"])}}, REPEATS,
+        settle=1)
+    load_after = _load()
+    hf.config._experts_implementation = default_impl
+    times = {k: statistics.median(v) for k, v in times.items()}
+    ours_s = times.pop("ours")
+    by_impl = {k: round(v * 1e3) for k, v in times.items()}
+    best_impl = min(times, key=times.get)
+    ref_s = times[best_impl]
     max_diff = float(np.abs(np.asarray(ours) - ref).max())
 
     tokens = BATCH * SEQ
+    # Model FLOPs of one forward (training FLOPs / 3) against the measured f32 matmul peak.
+    peak, how = peak_flops_per_device()
+    fwd_flops = flops_per_token(model.cfg, SEQ, num_mtp=0) / 3 * tokens
+    mfu = {"ours": fwd_flops / ours_s / peak, "transformers": fwd_flops / ref_s / peak}
     rows = [
         ["mimo-jax (jit)", f"{ours_s * 1e3:.0f}", f"{tokens / ours_s:,.0f}",
          f"{ref_s / ours_s:.2f}x"],
@@ -84,15 +99,19 @@ def main() -> None:
         {"config": f"{counts.total / 1e6:.1f}M params, 8 layers, 32 experts top-4, "
                    f"batch {BATCH} x seq {SEQ}",
          "compile_seconds": round(compile_s, 2), "speedup": round(ref_s / ours_s, 2),
+         "peak_flops": f"{peak / 1e9:.1f} GFLOP/s ({how})",
+         "mfu": {k: round(v, 3) for k, v in mfu.items()},
+         # "speedup" at 100% of the measured 1024^2 matmul peak: about the most reachable
+         "speedup_at_measured_peak": round(1 / mfu["transformers"], 2),
          "goal": ">= 3x faster than transformers eager", "max_abs_logit_diff": max_diff,
          "torch_threads": torch.get_num_threads(),
          "transformers_impl": {
              "attn_implementation": hf.config._attn_implementation,
              "experts_implementation": f"{best_impl} (faster of {sorted(by_impl)})"},
          "transformers_ms_by_experts_impl": by_impl,
-         "timing": f"median of {REPEATS} calls after one warm-up call, both sides",
-         "load_ours": {"before": load_ours[0], "after": load_ours[1]},
-         "load_transformers": {"before": load_ref[0], "after": load_ref[1]}},
+         "timing": f"median of {REPEATS} calls after one warm-up call, every side, in "
+                   "interleaved rounds (per round and side one untimed, then one timed call)",
+         "load": {"before": load_before, "after": load_after}},
     )
 
 

@@ -22,6 +22,20 @@ def test_time_runs_warms_up_and_takes_at_least_five():
     assert len(cond["load_avg_start"]) == 3 and len(cond["load_avg_end"]) == 3
 
 
+def test_interleaved_runs_alternate_sides_and_rotate_the_order():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = common.interleaved_runs(fns, repeats=3, warmup=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5, "c": 5}  # at least 5
+    assert calls[:6] == list("abcabc")  # warm-up rounds
+    rounds = [calls[6 + 3 * r: 9 + 3 * r] for r in range(5)]
+    assert [r[0] for r in rounds] == list("abcab")  # each side leads in turn
+    assert all(sorted(r) == list("abc") for r in rounds)  # one call of each per round
+    calls.clear()
+    times = common.interleaved_runs(fns, repeats=5, warmup=0, settle=1)
+    assert len(times["a"]) == 5 and calls[:6] == list("aabbcc")  # settle, then the timed call
+
+
 def test_readme_table_rewrites_between_markers_idempotently(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
