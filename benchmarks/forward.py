@@ -23,7 +23,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_runs, write_results  # noqa: E402
+from common import interleaved_runs, load_average, write_results  # noqa: E402
 
 import mimo_jax  # noqa: E402
 from mimo_jax.train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
@@ -34,10 +34,6 @@ HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
                  num_experts_per_tok=4, sliding_window=129, max_position_embeddings=4096)
 BATCH, SEQ = 2, 1024
 REPEATS = 7
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main() -> None:
@@ -69,12 +65,12 @@ def main() -> None:
     # Default experts kernel (grouped_mm) and the "eager" loop, compared with the faster;
     # every side in interleaved rounds so that all see the same drift of the machine.
     default_impl = hf.config._experts_implementation
-    load_before = _load()
+    load_before = load_average()
     times = interleaved_runs({
         "ours": lambda: jax.block_until_ready(forward(model, x)),
         **{k: torch_forward(k) for k in dict.fromkeys([default_impl, "eager"])}}, REPEATS,
         settle=1)
-    load_after = _load()
+    load_after = load_average()
     hf.config._experts_implementation = default_impl
     times = {k: statistics.median(v) for k, v in times.items()}
     ours_s = times.pop("ours")

@@ -459,11 +459,12 @@ def passkey_setup(workdir: str, tc, trials: int, depths: list[float], train_s: d
     glob = [i for i, t in enumerate(types) if t == "full"]
     fa, sa = mc.full_attention, mc.sliding_attention
     o = {**PASSKEY_DEFAULTS, **options}
-    pre, prev = [], 0  # the stages before stage 1: copy warm-up, then shorter documents
-    for st in stages[:-2]:
-        kind = ("copy documents (random strings of 8-40 letters/digits repeated, "
-                "`passkey_docs.copy_document`)" if "copy-" in os.path.basename(st.data.source)
-                else "shorter passkey documents")
+    # the stages before stage 1, in passkey_train_config's order: copy warm-up, shorter docs
+    kinds = (["copy documents (random strings of 8-40 letters/digits repeated, "
+              "`passkey_docs.copy_document`)"] * (int(o["copy_steps"]) > 0)
+             + ["shorter passkey documents"] * (int(o["short_steps"]) > 0))
+    pre, prev = [], 0
+    for st, kind in zip(stages[:-2], kinds, strict=True):
         pre.append(f"steps {prev}-{st.steps} on {kind}, {st.batch_size} x {st.seq_len} "
                    "tokens per step, same lr")
         prev = st.steps

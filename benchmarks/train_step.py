@@ -34,7 +34,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_runs, write_results  # noqa: E402
+from common import interleaved_runs, load_average, write_results  # noqa: E402
 
 import mimo_jax  # noqa: E402
 from mimo_jax.train import TrainConfig  # noqa: E402
@@ -81,10 +81,6 @@ PROFILE_BEFORE = {
 }
 
 
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def our_step_runner(model, tc, batch):
     """(run, compile s): ``run`` does one donated step, threading the state; compiled here."""
     cfg = model.cfg
@@ -106,10 +102,10 @@ def our_step_runner(model, tc, batch):
 def _timed(fns: dict, repeats: int = REPEATS, settle: int = 0) -> tuple[dict[str, float], dict]:
     """Median seconds per side, timed in interleaved rounds; the load before/after and every
     timed run (ms, in order), since on a shared machine the spread matters as much."""
-    before = _load()
+    before = load_average()
     times = interleaved_runs(fns, repeats, settle=settle)
     return ({k: statistics.median(v) for k, v in times.items()},
-            {"before": before, "after": _load(),
+            {"before": before, "after": load_average(),
              "runs_ms": {str(k): [round(x * 1e3) for x in v] for k, v in times.items()}})
 
 
@@ -125,13 +121,13 @@ def profile_step(model, tc, batch) -> dict:
     jax.block_until_ready(compiled(*args))
     cats, top = step_profile.profile(compiled, args)
     total = sum(cats.values())
-    return {"total_ms": round(total), "load": _load(),
+    return {"total_ms": round(total), "load": load_average(),
             "shares_pct": {k: pct for k, _, pct in step_profile.shares(cats)},
             "top_ops_ms": top[:8]}
 
 
 def main() -> None:
-    load_start = _load()
+    load_start = load_average()
     peak, how = peak_flops_per_device()
     rows, extra = [], {"peak_flops": f"{peak / 1e9:.1f} GFLOP/s ({how})"}
 
@@ -225,7 +221,7 @@ def main() -> None:
                        "each per round, after one untimed step of the same side for ours vs "
                        "torch) so that they share the machine's drift; load average "
                        "(1/5/15 min) before/after each comparison in load_tiny / load_50m")
-    extra["load_run"] = {"before": load_start, "after": _load()}
+    extra["load_run"] = {"before": load_start, "after": load_average()}
     extra["note"] = ("ours: CE + balance-free step with AdamW (masked decay), clipping, "
                      "donated state; tiny rows include balance loss and bias update")
     extra["profile_before"] = PROFILE_BEFORE

@@ -174,7 +174,7 @@ def test_passkey_benchmark_recipe(tmp_path):
     import sys
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.long_context import passkey_train_config
+    from benchmarks.long_context import passkey_setup, passkey_train_config
 
     tc = passkey_train_config(str(tmp_path), steps1=30, steps2=34, seq1=256, seq2=1024,
                               copy_steps=0)
@@ -212,6 +212,11 @@ def test_passkey_benchmark_recipe(tmp_path):
         doc = json.loads(f.readline())["text"]
     period = doc.index(". ") + 2  # a random string repeated
     assert len(doc) == 254 and doc[period:2 * period] == doc[:period]
+    opts = dict(copy_steps=8, short_steps=6, short_seq=256, weight_decay=0.05)
+    text = passkey_setup(str(tmp_path / "e"), tc, 20, [0.0, 1.0], {}, True, opts)
+    assert "steps 0-8 on copy documents" in text
+    assert "steps 8-14 on shorter passkey documents" in text
+    assert "AdamW weight decay 0.05" in text
     with pytest.raises(ValueError, match="before stage 1"):
         passkey_train_config(str(tmp_path / "f"), steps1=30, steps2=34, copy_steps=30)
     with pytest.raises(ValueError, match="unknown passkey options"):

@@ -26,7 +26,7 @@ import argparse
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 # The evaluation's template (mimo_jax.eval.passkey), repeated here so the data pipeline needs
 # no model code; tests/test_long_context.py checks that the two agree.
@@ -141,35 +141,33 @@ def copy_document(rng: random.Random, n_bytes: int, min_len: int = 8, max_len: i
     return ((s + ". ") * (n_bytes // (len(s) + 2) + 1))[:n_bytes]
 
 
-def write_copy_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0) -> str:
-    """Write `n_docs` copy documents (`copy_document`) as JSONL, unless `path` exists."""
+def _write_once(path: str, records: Iterable[dict]) -> str:
+    """Write `records` as JSONL to `path` via a temporary file, unless `path` exists."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    rng = random.Random(seed)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        for _ in range(n_docs):
-            f.write(json.dumps({"text": copy_document(rng, n_bytes)}) + "\n")
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_copy_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0) -> str:
+    """Write `n_docs` copy documents (`copy_document`) as JSONL, unless `path` exists."""
+    rng = random.Random(seed)
+    return _write_once(path, ({"text": copy_document(rng, n_bytes)} for _ in range(n_docs)))
 
 
 def write_jsonl(path: str, n_docs: int, n_bytes: int, *, seed: int = 0,
                 filler_text: float = 0.0, min_episode: int | None = None, tail: str = "text",
                 text_docs: float = 0.0, tail_filler: int = 3) -> str:
     """Write `n_docs` documents as JSONL ({"text": ...}), unless `path` already exists."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for doc, info in passkey_documents(n_docs, n_bytes, seed=seed, filler_text=filler_text,
-                                           min_episode=min_episode, tail=tail,
-                                           text_docs=text_docs, tail_filler=tail_filler):
-            f.write(json.dumps({"text": doc, **info}) + "\n")
-    os.replace(tmp, path)
-    return path
+    docs = passkey_documents(n_docs, n_bytes, seed=seed, filler_text=filler_text,
+                             min_episode=min_episode, tail=tail, text_docs=text_docs,
+                             tail_filler=tail_filler)
+    return _write_once(path, ({"text": doc, **info} for doc, info in docs))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -521,21 +521,6 @@ def context_attention(
 #   each shard runs the plain cached kernel for its queries over [ring; whole chunk].
 
 
-def _combine(parts):
-    """One (o, lse) from partial softmaxes over disjoint key sets (exact)."""
-    if len(parts) == 1:
-        return parts[0]
-    m = functools.reduce(jnp.maximum, [lse for _, lse in parts])
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    ws = [jnp.exp(lse - m) for _, lse in parts]
-    den = sum(ws[1:], ws[0])
-    o = sum((w[..., None] * o for w, (o, _) in zip(ws, parts, strict=True)),
-            jnp.zeros_like(parts[0][0]))
-    seen = den > 0
-    return (o / jnp.where(seen, den, 1.0)[..., None],
-            jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf))
-
-
 def cached_context_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -589,7 +574,7 @@ def cached_context_attention(
         if seq_axes:  # this shard's slice of the chunk's keys joins its partial
             parts.append(decode_xla.new_part(q_all, kn, vn, npos, qo, window=window,
                                              scale=scale))
-        o, lse = _combine(parts)
+        o, lse = decode_xla.combine(parts)
         m = jax.lax.pmax(lse, slot_axes)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         w = jnp.exp(lse - m)

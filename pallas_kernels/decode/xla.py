@@ -5,6 +5,8 @@ log-sum-exp); `merge` combines parts and sinks exactly.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -49,6 +51,22 @@ def partial_attention(
     return o.reshape(b, t, hq, -1), jnp.moveaxis(lse, 3, 1).reshape(b, t, hq)
 
 
+def combine(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
+    """One (o, lse) from partial softmaxes over disjoint key sets (exact); a row no part saw
+    stays (0, -inf)."""
+    if len(parts) == 1:
+        return parts[0]
+    m = functools.reduce(jnp.maximum, [lse for _, lse in parts])
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    ws = [jnp.exp(lse - m) for _, lse in parts]
+    den = sum(ws[1:], ws[0])
+    o = sum((w[..., None] * o for w, (o, _) in zip(ws, parts, strict=True)),
+            jnp.zeros_like(parts[0][0]))
+    seen = den > 0
+    return (o / jnp.where(seen, den, 1.0)[..., None],
+            jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), -jnp.inf))
+
+
 def merge(parts: list[tuple[jax.Array, jax.Array]], sinks: jax.Array | None,
           out_dtype) -> jax.Array:
     """Combine partial softmaxes [(o [B,T,H,D], lse [B,T,H])] and per-head sink logits [H]
@@ -76,10 +94,9 @@ CACHE_BLOCK = 1024
 def cache_part(q, k_cache, v_cache, cache_positions, q_offset, cache_length, *, window,
                scale, block: int | None = None):
     """[(o, lse)] of the queries over the cache alone (slots below `cache_length`), as the
-    Pallas implementations' `cache_part`. A cache of more than `block` (default
-    `CACHE_BLOCK`) slots is read in
-    blocks of `block` up to the batch's longest `cache_length`, merged by online softmax
-    (forward only: a while loop)."""
+    Pallas implementations' `cache_part`. A cache of more than `block` (default `CACHE_BLOCK`)
+    slots is read in blocks of `block` up to the batch's longest `cache_length`, combined as
+    it goes (forward only: a while loop)."""
     b, t = q.shape[:2]
     s = k_cache.shape[2]
     block = CACHE_BLOCK if block is None else block
@@ -89,33 +106,23 @@ def cache_part(q, k_cache, v_cache, cache_positions, q_offset, cache_length, *, 
         kpos = jnp.where(slot_ok, cache_positions, -1)
         return [partial_attention(q, k_cache, v_cache, kpos, qpos, window=window, scale=scale,
                                   heads_major=True)]
-    hq, dv = q.shape[2], v_cache.shape[-1]
 
-    def step(i, carry):
-        o_acc, m, denom = carry
+    def step(i, acc):
         # the last block may overlap the one before it: slots below i * block are done
         start = jnp.minimum(i * block, s - block)
         idx = start + jnp.arange(block)
         ok = (idx >= i * block)[None, :] & (idx[None, :] < cache_length[:, None])
         kpos = jnp.where(ok, jax.lax.dynamic_slice_in_dim(cache_positions, start, block, 1), -1)
-        o, lse = partial_attention(
+        part = partial_attention(
             q, jax.lax.dynamic_slice_in_dim(k_cache, start, block, 2),
             jax.lax.dynamic_slice_in_dim(v_cache, start, block, 2), kpos, qpos,
             window=window, scale=scale, heads_major=True)
-        m_new = jnp.maximum(m, lse)
-        ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        keep, add = jnp.exp(m - ref), jnp.exp(lse - ref)
-        return o_acc * keep[..., None] + o * add[..., None], m_new, denom * keep + add
+        return combine([acc, part])
 
     n_blocks = (jnp.max(jnp.minimum(cache_length, s)) + block - 1) // block
-    init = (jnp.zeros((b, t, hq, dv), jnp.float32), jnp.full((b, t, hq), -jnp.inf),
-            jnp.zeros((b, t, hq), jnp.float32))
-    o, m, denom = jax.lax.fori_loop(0, n_blocks, step, init)
-    seen = denom > 0
-    o = o / jnp.where(seen, denom, 1.0)[..., None]
-    lse = jnp.where(seen, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(seen, denom, 1.0)),
-                    -jnp.inf)
-    return [(o, lse)]
+    empty = (jnp.zeros((b, t, q.shape[2], v_cache.shape[-1]), jnp.float32),
+             jnp.full((b, t, q.shape[2]), -jnp.inf))
+    return [jax.lax.fori_loop(0, n_blocks, step, empty)]
 
 
 def new_part(q, k_new, v_new, new_positions, q_offset, *, window, scale):
