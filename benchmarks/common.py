@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -97,6 +98,71 @@ def interleaved_runs(fns: dict[str, Callable[[], object]], repeats: int = MIN_RE
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+_CHILD = r"""
+import importlib, json, os, sys
+proto = os.fdopen(os.dup(1), "w", buffering=1)  # the protocol pipe: ours alone
+os.dup2(2, 1)  # what the sides print goes to stderr
+sys.path.insert(0, sys.argv[1])
+module, name = sys.argv[2].split(":")
+sides, info = getattr(importlib.import_module(module), name)(**json.loads(sys.argv[3]))
+proto.write(json.dumps({"sides": sorted(sides), "info": info}) + "\n")
+for line in sys.stdin:
+    try:
+        sides[line.strip()]()
+        proto.write("ok\n")
+    except Exception as e:  # reported to the parent, which raises
+        proto.write(json.dumps(repr(e)) + "\n")
+"""
+
+
+class ChildProcess:
+    """Benchmark sides hosted in another Python process with its own environment: a baseline
+    run as its users run it (e.g. glibc's default malloc, while ours uses huge pages; see
+    mimo_jax.core.host_memory), yet timed in the same interleaved rounds as ours.
+
+    `factory` ("module:function", importable from benchmarks/) is called there with `kwargs`
+    (JSON) and returns ({side name: zero-argument callable}, info dict). `side(name)` is a
+    local callable that runs that side once in the child and returns when it is done (a pipe
+    round trip: well under a millisecond). Use as a context manager."""
+
+    def __init__(self, factory: str, kwargs: dict, env: dict[str, str] | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, os.path.dirname(os.path.abspath(__file__)), factory,
+             json.dumps(kwargs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=env, bufsize=1)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError(f"benchmark child {factory} exited before it was ready "
+                               f"(code {self.proc.wait()}); see its stderr above")
+        hello = json.loads(ready)
+        self.sides: list[str] = hello["sides"]
+        self.info: dict = hello["info"]
+
+    def side(self, name: str) -> Callable[[], None]:
+        if name not in self.sides:
+            raise KeyError(f"child has no side {name!r} (it has {self.sides})")
+
+        def run() -> None:
+            self.proc.stdin.write(name + "\n")
+            reply = self.proc.stdout.readline()
+            if reply != "ok\n":
+                raise RuntimeError(f"child side {name!r} failed: "
+                                   f"{json.loads(reply) if reply else 'child exited'}")
+
+        return run
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+    def __enter__(self) -> ChildProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = MIN_REPEATS, warmup: int = 1) -> float:

@@ -5,7 +5,9 @@ Goal (issue 2): ours at least 3x faster. Every side: one warm-up call, then the 
 REPEATS calls, the sides interleaved (one call of each per round, so a drifting shared machine
 slows all alike); the load average before/after, torch's thread count, the transformers
 attention / experts implementations (its defaults on this CPU) and the MFU of each side
-against the measured f32 matmul peak are recorded.
+against the measured f32 matmul peak are recorded. Transformers runs in a child process
+(`common.ChildProcess`) with glibc's default malloc; ours with huge-page malloc, as the
+`mimo-jax` command sets it (mimo_jax.core.host_memory); the malloc of each side is recorded.
 Run: .venv/bin/python benchmarks/forward.py
 """
 
@@ -23,9 +25,15 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_runs, load_average, write_results  # noqa: E402
+from common import ChildProcess, interleaved_runs, load_average, write_results  # noqa: E402
 
 import mimo_jax  # noqa: E402
+from mimo_jax.core.host_memory import (  # noqa: E402
+    TUNABLE,
+    ensure_huge_page_malloc,
+    huge_pages_active,
+    without_huge_pages,
+)
 from mimo_jax.train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 
 HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
@@ -34,6 +42,29 @@ HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
                  num_experts_per_tok=4, sliding_window=129, max_position_embeddings=4096)
 BATCH, SEQ = 2, 1024
 REPEATS = 7
+
+
+def transformers_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
+    """For `common.ChildProcess`: a no-grad transformers forward of the model saved in
+    `model_dir` on `ids`, one side per experts kernel: its default on this CPU (torch
+    grouped_mm) and the "eager" per-expert loop (the faster is the baseline)."""
+    from transformers import MiMoV2FlashForCausalLM
+
+    hf = MiMoV2FlashForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids_t = torch.tensor(ids, dtype=torch.int64)
+
+    def torch_forward(experts: str):
+        def run():
+            hf.config._experts_implementation = experts
+            with torch.no_grad():
+                hf(ids_t)
+        return run
+
+    default = hf.config._experts_implementation
+    return ({k: torch_forward(k) for k in dict.fromkeys([default, "eager"])},
+            {"attn_implementation": hf.config._attn_implementation,
+             "torch_threads": torch.get_num_threads(),
+             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
 
 
 def main() -> None:
@@ -45,33 +76,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         model = mimo_jax.load(d, dtype="float32")
-    counts = mimo_jax.param_count(model.cfg)
+        counts = mimo_jax.param_count(model.cfg)
 
-    forward = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
-    x = jax.numpy.asarray(ids.numpy())
-    t0 = time.perf_counter()
-    ours = jax.block_until_ready(forward(model, x))
-    compile_s = time.perf_counter() - t0
-    with torch.no_grad():
-        ref = hf(ids).logits.numpy()
+        forward = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
+        x = jax.numpy.asarray(ids.numpy())
+        t0 = time.perf_counter()
+        ours = jax.block_until_ready(forward(model, x))
+        compile_s = time.perf_counter() - t0
+        with torch.no_grad():
+            ref = hf(ids).logits.numpy()
 
-    def torch_forward(experts: str):
-        def run():
-            hf.config._experts_implementation = experts
-            with torch.no_grad():
-                hf(ids)
-        return run
-
-    # Default experts kernel (grouped_mm) and the "eager" loop, compared with the faster;
-    # every side in interleaved rounds so that all see the same drift of the machine.
-    default_impl = hf.config._experts_implementation
-    load_before = load_average()
-    times = interleaved_runs({
-        "ours": lambda: jax.block_until_ready(forward(model, x)),
-        **{k: torch_forward(k) for k in dict.fromkeys([default_impl, "eager"])}}, REPEATS,
-        settle=1)
-    load_after = load_average()
-    hf.config._experts_implementation = default_impl
+        # Timed in a child process with glibc's default malloc, as transformers' users run
+        # it (huge-page malloc, which ours gets from its entry points, is slower for torch).
+        load_before = load_average()
+        with ChildProcess("forward:transformers_sides", {"model_dir": d, "ids": ids.tolist()},
+                          env=without_huge_pages(os.environ)) as child:
+            times = interleaved_runs({
+                "ours": lambda: jax.block_until_ready(forward(model, x)),
+                **{k: child.side(k) for k in child.sides}}, REPEATS, settle=1)
+        load_after = load_average()
     times = {k: statistics.median(v) for k, v in times.items()}
     ours_s = times.pop("ours")
     by_impl = {k: round(v * 1e3) for k, v in times.items()}
@@ -100,9 +123,11 @@ def main() -> None:
          # "speedup" at 100% of the measured 1024^2 matmul peak: about the most reachable
          "speedup_at_measured_peak": round(1 / mfu["transformers"], 2),
          "goal": ">= 3x faster than transformers eager", "max_abs_logit_diff": max_diff,
-         "torch_threads": torch.get_num_threads(),
+         "torch_threads": child.info["torch_threads"],
+         "malloc": {"ours": TUNABLE if huge_pages_active() else "glibc default",
+                    "transformers": child.info["glibc_tunables"] or "glibc default"},
          "transformers_impl": {
-             "attn_implementation": hf.config._attn_implementation,
+             "attn_implementation": child.info["attn_implementation"],
              "experts_implementation": f"{best_impl} (faster of {sorted(by_impl)})"},
          "transformers_ms_by_experts_impl": by_impl,
          "timing": f"median of {REPEATS} calls after one warm-up call, every side, in "
@@ -112,4 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ensure_huge_page_malloc()  # as the `mimo-jax` command does (mimo_jax.core.host_memory)
     main()

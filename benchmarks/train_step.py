@@ -14,7 +14,10 @@ interleaved (one step of each per round, so a drifting shared machine slows all 
 load average before and after each comparison is recorded, with torch's thread count and the
 transformers attention / experts implementations (its defaults on this CPU: "eager" attention
 is the only one MiMo-V2-Flash supports there; experts "grouped_mm" when torch has it).
-Ours runs the production step: donated state, threaded from step to step.
+Ours runs the production step: donated state, threaded from step to step, with huge-page
+malloc as the `mimo-jax` command sets it (mimo_jax.core.host_memory); transformers runs in a
+child process (`common.ChildProcess`) with glibc's default malloc, as its users run it (the
+tunable made torch's step slower here); the malloc of each side is recorded.
 3. A profile of our ~50M step (benchmarks/step_profile.py): time per category and phase.
 Run: .venv/bin/python benchmarks/train_step.py [--no-profile]
 """
@@ -34,9 +37,15 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_runs, load_average, write_results  # noqa: E402
+from common import ChildProcess, interleaved_runs, load_average, write_results  # noqa: E402
 
 import mimo_jax  # noqa: E402
+from mimo_jax.core.host_memory import (  # noqa: E402
+    TUNABLE,
+    ensure_huge_page_malloc,
+    huge_pages_active,
+    without_huge_pages,
+)
 from mimo_jax.train import TrainConfig  # noqa: E402
 from mimo_jax.train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 from mimo_jax.train.optimizer import make_optimizer  # noqa: E402
@@ -126,6 +135,57 @@ def profile_step(model, tc, batch) -> dict:
             "top_ops_ms": top[:8]}
 
 
+def transformers_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
+    """For `common.ChildProcess`: a transformers 5.23 training step (CE loss, backward, clip,
+    AdamW) of the model saved in `model_dir` on batch `ids`, one side per experts kernel:
+    transformers' default on this CPU (torch grouped_mm) and its "eager" per-expert loop (the
+    faster is the baseline). The first, untimed, round allocates the optimizer state."""
+    from transformers import MiMoV2FlashForCausalLM
+
+    hf = MiMoV2FlashForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf.train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ids_t = torch.tensor(ids, dtype=torch.int64)
+    impls = {"attn_implementation": hf.config._attn_implementation,
+             "experts_implementation": getattr(hf.config, "_experts_implementation", None)}
+
+    def torch_step(experts: str):
+        def run():
+            hf.config._experts_implementation = experts
+            loss = hf(ids_t, labels=ids_t).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    sides = {k: torch_step(k) for k in dict.fromkeys([impls["experts_implementation"], "eager"])}
+    return sides, {"impls": impls, "torch_threads": torch.get_num_threads(),
+                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def tiny_default_malloc_sides() -> tuple[dict, dict]:
+    """For `common.ChildProcess`: the tiny-cpu 0-MTP step as in `main`, in a process with
+    glibc's default malloc."""
+    tc = TrainConfig.preset("tiny-cpu").override({"model.num_mtp_layers": 0})
+    model = mimo_jax.MiMo(tc.model_config(), rngs=nnx.Rngs(0))
+    run, _ = our_step_runner(model, tc, _batch(tc.batch_size, tc.seq_len, 259))
+    return {"0": run}, {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def ours_default_malloc_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
+    """For `common.ChildProcess`: our ~50M step as in `main`, in a process with glibc's default
+    malloc, to measure what huge-page malloc (mimo_jax.core.host_memory) gains."""
+    model = mimo_jax.load(model_dir, dtype="float32")
+    tc = TrainConfig(batch_size=BIG_BATCH, seq_len=BIG_SEQ, lr=1e-4, warmup_steps=0,
+                     balance_coef=0.0, bias_gamma=0.0)
+    batch = _batch(BIG_BATCH, BIG_SEQ, HF_CONFIG["vocab_size"])
+    if np.asarray(batch["ids"]).tolist() != ids:
+        raise RuntimeError("the child's batch differs from the parent's")
+    run, _ = our_step_runner(model, tc, batch)
+    return {"ours_default_malloc": run}, {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
 def main() -> None:
     load_start = load_average()
     peak, how = peak_flops_per_device()
@@ -140,7 +200,14 @@ def main() -> None:
         model = mimo_jax.MiMo(cfgs[n_mtp], rngs=nnx.Rngs(0))
         batch = _batch(tc.batch_size, tc.seq_len, 259)
         runners[n_mtp], compile_s[n_mtp] = our_step_runner(model, tc, batch)
-    times, extra["load_tiny"] = _timed(runners, TINY_REPEATS)
+    # ...and the 0-MTP step with glibc's default malloc (a child process), for what huge-page
+    # malloc gains at this size.
+    with ChildProcess("train_step:tiny_default_malloc_sides", {},
+                      env=without_huge_pages(os.environ)) as child:
+        times, extra["load_tiny"] = _timed({**runners, "0, default malloc": child.side("0")},
+                                           TINY_REPEATS)
+    tiny_default_s = times.pop("0, default malloc")
+    extra["huge_page_malloc_speedup_tiny"] = round(tiny_default_s / times[0], 3)
     tokens = tiny.batch_size * tiny.seq_len
     for n_mtp, s in times.items():
         mfu = flops_per_token(cfgs[n_mtp], tiny.seq_len) * tokens / s / peak
@@ -150,6 +217,11 @@ def main() -> None:
                      f"{100 * mfu:.1f}%", f"{s / times[0]:.2f}x vs 0 MTP",
                      f"{compile_s[n_mtp]:.0f}"])
         print(rows[-1], flush=True)
+    mfu = flops_per_token(cfgs[0], tiny.seq_len) * tokens / tiny_default_s / peak
+    rows.append(["tiny-cpu, 0 MTP, glibc default malloc", rows[0][1], rows[0][2],
+                 f"{tiny_default_s * 1e3:.0f}", f"{tokens / tiny_default_s:,.0f}",
+                 f"{100 * mfu:.1f}%",
+                 f"{tiny_default_s / times[0]:.2f}x vs 0 MTP", "-"])
     extra["mtp_1_head_ratio"] = round(times[1] / times[0], 3)
     # The step-time ratio at equal MFU: below it, the head runs more efficiently than the body.
     for n in (1, 3):
@@ -157,43 +229,35 @@ def main() -> None:
             flops_per_token(cfgs[n], tiny.seq_len) / flops_per_token(cfgs[0], tiny.seq_len), 3)
     extra["mtp_goal"] = "<= 1.20x step time for one MTP head"
 
-    # 2. ~50M config: ours (no MTP) vs transformers eager, same weights and batch
+    # 2. ~50M config: ours (no MTP) vs transformers eager, same weights and batch. The
+    # transformers step runs in a child process with glibc's default malloc, as its users run
+    # it (huge-page malloc, which ours gets from its entry points, measured slower for torch).
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
     torch.manual_seed(0)
     hf = MiMoV2FlashForCausalLM(MiMoV2FlashConfig(**HF_CONFIG))
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
+        del hf
         model = mimo_jax.load(d, dtype="float32")
-    cfg = model.cfg
-    tc = TrainConfig(batch_size=BIG_BATCH, seq_len=BIG_SEQ, lr=1e-4, warmup_steps=0,
-                     balance_coef=0.0, bias_gamma=0.0)
-    batch = _batch(BIG_BATCH, BIG_SEQ, HF_CONFIG["vocab_size"])
-    ours_run, c = our_step_runner(model, tc, batch)
-    tokens = BIG_BATCH * BIG_SEQ
-
-    hf.train()
-    impls = {"attn_implementation": hf.config._attn_implementation,
-             "experts_implementation": getattr(hf.config, "_experts_implementation", None)}
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.from_numpy(np.asarray(batch["ids"]).astype(np.int64))
-
-    def torch_step(experts: str):
-        def run():
-            hf.config._experts_implementation = experts
-            loss = hf(ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
-
-    # transformers' default experts kernel on this CPU is torch grouped_mm; its "eager"
-    # per-expert loop is timed too, and the faster of the two is the baseline. The first
-    # (untimed) round allocates the optimizer state.
-    default = impls["experts_implementation"]
-    times, extra["load_50m"] = _timed({"ours": ours_run, **{
-        k: torch_step(k) for k in dict.fromkeys([default, "eager"])}}, settle=1)
+        cfg = model.cfg
+        tc = TrainConfig(batch_size=BIG_BATCH, seq_len=BIG_SEQ, lr=1e-4, warmup_steps=0,
+                         balance_coef=0.0, bias_gamma=0.0)
+        batch = _batch(BIG_BATCH, BIG_SEQ, HF_CONFIG["vocab_size"])
+        ours_run, c = our_step_runner(model, tc, batch)
+        tokens = BIG_BATCH * BIG_SEQ
+        child_args = {"model_dir": d, "ids": np.asarray(batch["ids"]).tolist()}
+        default_env = without_huge_pages(os.environ)
+        with ChildProcess("train_step:transformers_sides", child_args, env=default_env) as child, \
+                ChildProcess("train_step:ours_default_malloc_sides", child_args,
+                             env=default_env) as ours_default:
+            impls = child.info["impls"]
+            times, extra["load_50m"] = _timed(
+                {"ours": ours_run, "ours_default_malloc": ours_default.side("ours_default_malloc"),
+                 **{k: child.side(k) for k in child.sides}}, settle=1)
+        ours_default_s = times.pop("ours_default_malloc")
+    extra["malloc"] = {"ours": TUNABLE if huge_pages_active() else "glibc default",
+                       "transformers": child.info["glibc_tunables"] or "glibc default"}
     ours_s = times.pop("ours")
     extra["transformers_ms_by_experts_impl"] = {k: round(v * 1e3) for k, v in times.items()}
     best = min(times, key=times.get)
@@ -204,6 +268,12 @@ def main() -> None:
     rows.append(["~50M, 0 MTP (ours, jit)", f"{n_params / 1e6:.1f}M", f"{BIG_BATCH}x{BIG_SEQ}",
                  f"{ours_s * 1e3:.0f}", f"{tokens / ours_s:,.0f}", f"{100 * mfu:.1f}%",
                  f"{ref_s / ours_s:.2f}x vs torch", f"{c:.0f}"])
+    mfu_default = flops_per_token(cfg, BIG_SEQ) * tokens / ours_default_s / peak
+    rows.append(["~50M, 0 MTP (ours, glibc default malloc)", f"{n_params / 1e6:.1f}M",
+                 f"{BIG_BATCH}x{BIG_SEQ}", f"{ours_default_s * 1e3:.0f}",
+                 f"{tokens / ours_default_s:,.0f}", f"{100 * mfu_default:.1f}%",
+                 f"{ref_s / ours_default_s:.2f}x vs torch", "-"])
+    extra["huge_page_malloc_speedup"] = round(ours_default_s / ours_s, 3)
     ref_mfu = flops_per_token(cfg, BIG_SEQ) * tokens / ref_s / peak
     rows.append(["~50M, transformers eager", f"{n_params / 1e6:.1f}M", f"{BIG_BATCH}x{BIG_SEQ}",
                  f"{ref_s * 1e3:.0f}", f"{tokens / ref_s:,.0f}", f"{100 * ref_mfu:.1f}%",
@@ -213,7 +283,7 @@ def main() -> None:
     extra["speedup_at_measured_peak"] = round(1 / ref_mfu, 2)
     extra["transformers_goal"] = ">= 2x faster than transformers eager"
     extra["mfu_goal"] = ">= 50% of the measured f32 matmul peak"
-    extra["torch_threads"] = torch.get_num_threads()
+    extra["torch_threads"] = child.info["torch_threads"]
     extra["transformers_impl"] = impls
     extra["timing"] = (f"median of {REPEATS} steps ({TINY_REPEATS} for the tiny rows) after "
                        "one warm-up step, every side; the "
@@ -233,4 +303,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    ensure_huge_page_malloc()  # as the `mimo-jax` command does (mimo_jax.core.host_memory)
     main()

@@ -16,6 +16,12 @@ import json
 import os
 import sys
 
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "run":
+    # Before jax loads: huge-page malloc for XLA:CPU's per-step buffers (as `mimo-jax` does).
+    from mimo_jax.core.host_memory import ensure_huge_page_malloc
+
+    ensure_huge_page_malloc()
+
 # Multi-host: jax.distributed.initialize() must run before anything touches devices.
 if len(sys.argv) > 1 and sys.argv[1] == "run":
     from mimo_jax.parallel import maybe_initialize

@@ -36,6 +36,52 @@ def test_interleaved_runs_alternate_sides_and_rotate_the_order():
     assert len(times["a"]) == 5 and calls[:6] == list("aabbcc")  # settle, then the timed call
 
 
+_FAKE_SIDES = """
+import os
+
+def factory(log, reply):
+    def side(name):
+        def run():
+            print("noise on stdout must not reach the protocol pipe")
+            with open(log, "a") as f:
+                f.write(name + "\\n")
+        return run
+
+    def broken():
+        raise ValueError("side exploded")
+
+    return ({"a": side("a"), "b": side("b"), "broken": broken},
+            {"reply": reply, "env": os.environ.get("MIMO_TEST_CHILD_ENV", "")})
+"""
+
+
+def test_child_process_runs_sides_in_its_own_environment(tmp_path):
+    (tmp_path / "fake_sides.py").write_text(_FAKE_SIDES)
+    log = tmp_path / "calls.txt"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), MIMO_TEST_CHILD_ENV="child-only")
+    with common.ChildProcess("fake_sides:factory", {"log": str(log), "reply": [1, "x"]},
+                             env=env) as child:
+        assert child.sides == ["a", "b", "broken"]
+        assert child.info == {"reply": [1, "x"], "env": "child-only"}
+        times = common.interleaved_runs({"a": child.side("a"), "b": child.side("b")},
+                                        repeats=5, warmup=1)
+        assert len(times["a"]) == 5 and all(t >= 0 for t in times["b"])
+        assert log.read_text().split() == ["a", "b"] + ["a", "b", "b", "a"] * 2 + ["a", "b"]
+        with pytest.raises(RuntimeError, match="side exploded"):
+            child.side("broken")()
+        child.side("a")()  # still serving after a side failed
+        with pytest.raises(KeyError, match="no side 'c'"):
+            child.side("c")
+    assert child.proc.returncode == 0
+
+
+def test_child_process_reports_a_factory_that_fails(tmp_path):
+    (tmp_path / "bad_sides.py").write_text("def factory():\n    raise ImportError('nope')\n")
+    with pytest.raises(RuntimeError, match="exited before it was ready"):
+        common.ChildProcess("bad_sides:factory", {},
+                            env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+
+
 def test_readme_table_rewrites_between_markers_idempotently(tmp_path):
     results = tmp_path / "results"
     results.mkdir()

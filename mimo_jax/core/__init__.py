@@ -1,6 +1,4 @@
-"""The bottom layer: dtype names, user-facing errors and log output, shared by every layer."""
-
-from mimo_jax.core.dtypes import canonical_dtype, jnp_dtype
-from mimo_jax.core.errors import CheckpointError
-
-__all__ = ["CheckpointError", "canonical_dtype", "jnp_dtype"]
+"""The bottom layer: dtype names (`dtypes`), user-facing errors (`errors`), log output
+(`logs`), the import layering (`layering`) and the host allocator setting (`host_memory`),
+shared by every layer. Import the submodules: this file imports nothing, so that the entry
+points can set up the process (host_memory) before jax loads."""
