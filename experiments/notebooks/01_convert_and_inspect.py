@@ -26,11 +26,11 @@
 
 # %% tags=["parameters"]
 CHECKPOINT = None  # None: make the tiny checkpoint; else a release/HF directory
-OUT_DIR = None  # where the conversions go (None: a temp folder)
+OUTPUT_DIR = None  # where the conversions go (None: a temp folder)
 MESH = ""  # "" = one device for the parity forward; e.g. "fsdp=-1" on a TPU VM
 TINY = True  # small sizes so that the whole notebook runs on a CPU in minutes
 CONVERT = None  # release -> Orbax (FP8 kept; dequantised) -> release (None: when TINY;
-# the release takes ~2 x its 300+ GB in OUT_DIR)
+# the release takes ~2 x its 300+ GB in OUTPUT_DIR)
 ROUND_TRIP_TENSORS = None  # compare this many tensors byte by byte (None: all)
 PLAN_MESH = "data=1,fsdp=-1,expert=8,tensor=1"  # the mesh to plan memory for
 PLAN_DEVICES = 64  # chips in that mesh (a v5p-128 slice has 64)
@@ -62,8 +62,8 @@ PARITY = TINY if PARITY is None else PARITY
 CONVERT = TINY if CONVERT is None else CONVERT
 if CHECKPOINT is None:
     CHECKPOINT = nbs.tiny_checkpoint().release
-OUT_DIR = OUT_DIR or tempfile.mkdtemp(prefix="mimo-jax-convert-")
-os.makedirs(OUT_DIR, exist_ok=True)
+OUTPUT_DIR = OUTPUT_DIR or tempfile.mkdtemp(prefix="mimo-jax-convert-")
+os.makedirs(OUTPUT_DIR, exist_ok=True)
 nbs.environment()
 
 # %% [markdown]
@@ -156,14 +156,14 @@ if CONVERT:
              ("release -> Orbax, dequantised", hf_to_orbax, CHECKPOINT, "orbax_float",
               {"dtype": "float32" if TINY else "bfloat16"})]
     for title, fn, src, dst, kw in steps:
-        src = src if os.path.isabs(src) else os.path.join(OUT_DIR, src)
+        src = src if os.path.isabs(src) else os.path.join(OUTPUT_DIR, src)
         t0 = time.perf_counter()
-        fn(src, os.path.join(OUT_DIR, dst), overwrite=True, progress=False, **kw)
+        fn(src, os.path.join(OUTPUT_DIR, dst), overwrite=True, progress=False, **kw)
         conversions.append({"step": title, "seconds": time.perf_counter() - t0,
-                            "MB written": du(os.path.join(OUT_DIR, dst))})
+                            "MB written": du(os.path.join(OUTPUT_DIR, dst))})
     nbs.show_table(conversions)
 
-    again = SafetensorsCheckpoint(os.path.join(OUT_DIR, "release_again"))
+    again = SafetensorsCheckpoint(os.path.join(OUTPUT_DIR, "release_again"))
     names = sorted(ckpt)
     if ROUND_TRIP_TENSORS is not None:
         names = names[:: max(len(names) // ROUND_TRIP_TENSORS, 1)]
@@ -239,11 +239,11 @@ except ImportError:
     print("transformers/torch are not installed: skipping the parity check "
           "(pip install -e '.[test]' -c constraints.txt)")
 if PARITY and torch is not None:
-    float_release = os.path.join(OUT_DIR, "release_float")
+    float_release = os.path.join(OUTPUT_DIR, "release_float")
     if not CONVERT:
-        hf_to_orbax(CHECKPOINT, os.path.join(OUT_DIR, "orbax_float"), dtype="float32",
+        hf_to_orbax(CHECKPOINT, os.path.join(OUTPUT_DIR, "orbax_float"), dtype="float32",
                     overwrite=True, progress=False)
-    orbax_to_hf(os.path.join(OUT_DIR, "orbax_float"), float_release, overwrite=True,
+    orbax_to_hf(os.path.join(OUTPUT_DIR, "orbax_float"), float_release, overwrite=True,
                 progress=False)
     cfg = configs["this checkpoint"]
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 48))
