@@ -6,8 +6,9 @@ REPEATS calls, the sides interleaved (one call of each per round, so a drifting 
 slows all alike); the load average before/after, torch's thread count, the transformers
 attention / experts implementations (its defaults on this CPU) and the MFU of each side
 against the measured f32 matmul peak are recorded. Transformers runs in a child process
-(`common.ChildProcess`) with glibc's default malloc; ours with huge-page malloc, as the
-`mimo-jax` command sets it (mimo_jax.core.host_memory); the malloc of each side is recorded.
+(`common.ChildProcess`) with glibc's default malloc, ours in another with the default malloc
+too (as `mimo-jax generate` / `eval` run), and a third side times ours with huge-page malloc
+(what `mimo-jax train` uses, mimo_jax.core.host_memory). The parent only checks the logits.
 Run: .venv/bin/python benchmarks/forward.py
 """
 
@@ -28,12 +29,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import ChildProcess, interleaved_runs, load_average, write_results  # noqa: E402
 
 import mimo_jax  # noqa: E402
-from mimo_jax.core.host_memory import (  # noqa: E402
-    TUNABLE,
-    ensure_huge_page_malloc,
-    huge_pages_active,
-    without_huge_pages,
-)
+from mimo_jax.core.host_memory import with_huge_pages, without_huge_pages  # noqa: E402
 from mimo_jax.train.metrics import flops_per_token, peak_flops_per_device  # noqa: E402
 
 HF_CONFIG = dict(vocab_size=16384, hidden_size=384, intermediate_size=1024,
@@ -67,6 +63,17 @@ def transformers_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
 
 
+def ours_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
+    """For `common.ChildProcess`: our jitted forward as in `main`, in a process whose
+    environment picks the malloc (here: huge pages, to measure what they would change)."""
+    model = mimo_jax.load(model_dir, dtype="float32")
+    forward = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
+    x = jax.numpy.asarray(np.asarray(ids, np.int32))
+    jax.block_until_ready(forward(model, x))
+    return ({"ours": lambda: jax.block_until_ready(forward(model, x))},
+            {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+
+
 def main() -> None:
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
@@ -86,17 +93,23 @@ def main() -> None:
         with torch.no_grad():
             ref = hf(ids).logits.numpy()
 
-        # Timed in a child process with glibc's default malloc, as transformers' users run
-        # it (huge-page malloc, which ours gets from its entry points, is slower for torch).
+        # Every side in its own child process (a process's position, parent or child, moved
+        # this forward's time by ~10% here): transformers with glibc's default malloc, as its
+        # users run it; ours with the default malloc too, as `mimo-jax generate` / `eval` run,
+        # and with huge-page malloc, as `mimo-jax train` runs (for what that changes).
         load_before = load_average()
-        with ChildProcess("forward:transformers_sides", {"model_dir": d, "ids": ids.tolist()},
-                          env=without_huge_pages(os.environ)) as child:
+        args, env = {"model_dir": d, "ids": ids.tolist()}, without_huge_pages(os.environ)
+        with ChildProcess("forward:transformers_sides", args, env=env) as child, \
+                ChildProcess("forward:ours_sides", args, env=env) as ours_child, \
+                ChildProcess("forward:ours_sides", args,
+                             env=with_huge_pages(env) or env) as huge:
             times = interleaved_runs({
-                "ours": lambda: jax.block_until_ready(forward(model, x)),
+                "ours": ours_child.side("ours"), "ours_huge_pages": huge.side("ours"),
                 **{k: child.side(k) for k in child.sides}}, REPEATS, settle=1)
         load_after = load_average()
     times = {k: statistics.median(v) for k, v in times.items()}
     ours_s = times.pop("ours")
+    ours_huge_s = times.pop("ours_huge_pages")
     by_impl = {k: round(v * 1e3) for k, v in times.items()}
     best_impl = min(times, key=times.get)
     ref_s = times[best_impl]
@@ -110,6 +123,8 @@ def main() -> None:
     rows = [
         ["mimo-jax (jit)", f"{ours_s * 1e3:.0f}", f"{tokens / ours_s:,.0f}",
          f"{ref_s / ours_s:.2f}x"],
+        ["mimo-jax (jit), huge-page malloc", f"{ours_huge_s * 1e3:.0f}",
+         f"{tokens / ours_huge_s:,.0f}", f"{ref_s / ours_huge_s:.2f}x"],
         ["transformers eager", f"{ref_s * 1e3:.0f}", f"{tokens / ref_s:,.0f}", "1.00x"],
     ]
     write_results(
@@ -118,13 +133,15 @@ def main() -> None:
         {"config": f"{counts.total / 1e6:.1f}M params, 8 layers, 32 experts top-4, "
                    f"batch {BATCH} x seq {SEQ}",
          "compile_seconds": round(compile_s, 2), "speedup": round(ref_s / ours_s, 2),
+         "huge_page_malloc_speedup": round(ours_s / ours_huge_s, 3),
          "peak_flops": f"{peak / 1e9:.1f} GFLOP/s ({how})",
          "mfu": {k: round(v, 3) for k, v in mfu.items()},
          # "speedup" at 100% of the measured 1024^2 matmul peak: about the most reachable
          "speedup_at_measured_peak": round(1 / mfu["transformers"], 2),
          "goal": ">= 3x faster than transformers eager", "max_abs_logit_diff": max_diff,
          "torch_threads": child.info["torch_threads"],
-         "malloc": {"ours": TUNABLE if huge_pages_active() else "glibc default",
+         "malloc": {"ours": ours_child.info["glibc_tunables"] or "glibc default",
+                    "ours_huge_pages": huge.info["glibc_tunables"],
                     "transformers": child.info["glibc_tunables"] or "glibc default"},
          "transformers_impl": {
              "attn_implementation": child.info["attn_implementation"],
@@ -137,5 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    ensure_huge_page_malloc()  # as the `mimo-jax` command does (mimo_jax.core.host_memory)
     main()

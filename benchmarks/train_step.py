@@ -15,9 +15,10 @@ load average before and after each comparison is recorded, with torch's thread c
 transformers attention / experts implementations (its defaults on this CPU: "eager" attention
 is the only one MiMo-V2-Flash supports there; experts "grouped_mm" when torch has it).
 Ours runs the production step: donated state, threaded from step to step, with huge-page
-malloc as the `mimo-jax` command sets it (mimo_jax.core.host_memory); transformers runs in a
-child process (`common.ChildProcess`) with glibc's default malloc, as its users run it (the
-tunable made torch's step slower here); the malloc of each side is recorded.
+malloc as `mimo-jax train` sets it (mimo_jax.core.host_memory). The ~50M sides each run in a
+child process (`common.ChildProcess`): ours with huge-page and with the default malloc,
+transformers with glibc's default malloc, as its users run it (the tunable made torch's step
+slower here); the tiny 0-MTP step too, in two children, for the malloc comparison.
 3. A profile of our ~50M step (benchmarks/step_profile.py): time per category and phase.
 Run: .venv/bin/python benchmarks/train_step.py [--no-profile]
 """
@@ -41,9 +42,8 @@ from common import ChildProcess, interleaved_runs, load_average, write_results  
 
 import mimo_jax  # noqa: E402
 from mimo_jax.core.host_memory import (  # noqa: E402
-    TUNABLE,
     ensure_huge_page_malloc,
-    huge_pages_active,
+    with_huge_pages,
     without_huge_pages,
 )
 from mimo_jax.train import TrainConfig  # noqa: E402
@@ -164,26 +164,30 @@ def transformers_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def tiny_default_malloc_sides() -> tuple[dict, dict]:
-    """For `common.ChildProcess`: the tiny-cpu 0-MTP step as in `main`, in a process with
-    glibc's default malloc."""
+def _tunables() -> str:
+    return os.environ.get("GLIBC_TUNABLES", "") or "glibc default"
+
+
+def tiny_sides() -> tuple[dict, dict]:
+    """For `common.ChildProcess`: the tiny-cpu 0-MTP step as in `main`, in a process whose
+    environment picks the malloc."""
     tc = TrainConfig.preset("tiny-cpu").override({"model.num_mtp_layers": 0})
     model = mimo_jax.MiMo(tc.model_config(), rngs=nnx.Rngs(0))
-    run, _ = our_step_runner(model, tc, _batch(tc.batch_size, tc.seq_len, 259))
-    return {"0": run}, {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    run, c = our_step_runner(model, tc, _batch(tc.batch_size, tc.seq_len, 259))
+    return {"0": run}, {"malloc": _tunables(), "compile_s": c}
 
 
-def ours_default_malloc_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
-    """For `common.ChildProcess`: our ~50M step as in `main`, in a process with glibc's default
-    malloc, to measure what huge-page malloc (mimo_jax.core.host_memory) gains."""
+def ours_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
+    """For `common.ChildProcess`: our ~50M step (the model saved in `model_dir`, batch `ids`),
+    in a process whose environment picks the malloc."""
     model = mimo_jax.load(model_dir, dtype="float32")
     tc = TrainConfig(batch_size=BIG_BATCH, seq_len=BIG_SEQ, lr=1e-4, warmup_steps=0,
                      balance_coef=0.0, bias_gamma=0.0)
     batch = _batch(BIG_BATCH, BIG_SEQ, HF_CONFIG["vocab_size"])
     if np.asarray(batch["ids"]).tolist() != ids:
         raise RuntimeError("the child's batch differs from the parent's")
-    run, _ = our_step_runner(model, tc, batch)
-    return {"ours_default_malloc": run}, {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    run, c = our_step_runner(model, tc, batch)
+    return {"ours": run}, {"malloc": _tunables(), "compile_s": c}
 
 
 def main() -> None:
@@ -200,14 +204,21 @@ def main() -> None:
         model = mimo_jax.MiMo(cfgs[n_mtp], rngs=nnx.Rngs(0))
         batch = _batch(tc.batch_size, tc.seq_len, 259)
         runners[n_mtp], compile_s[n_mtp] = our_step_runner(model, tc, batch)
-    # ...and the 0-MTP step with glibc's default malloc (a child process), for what huge-page
-    # malloc gains at this size.
-    with ChildProcess("train_step:tiny_default_malloc_sides", {},
-                      env=without_huge_pages(os.environ)) as child:
-        times, extra["load_tiny"] = _timed({**runners, "0, default malloc": child.side("0")},
-                                           TINY_REPEATS)
+    # ...and the 0-MTP step in two child processes, huge-page vs default malloc: what the
+    # former gains, both sides in the same position (a process's position, parent or child,
+    # moved a forward's time by ~10% here).
+    default_env = without_huge_pages(os.environ)
+    huge_env = with_huge_pages(default_env) or default_env
+    with ChildProcess("train_step:tiny_sides", {}, env=huge_env) as huge, \
+            ChildProcess("train_step:tiny_sides", {}, env=default_env) as default:
+        times, extra["load_tiny"] = _timed(
+            {**runners, "0, huge pages": huge.side("0"), "0, default malloc": default.side("0")},
+            TINY_REPEATS)
     tiny_default_s = times.pop("0, default malloc")
-    extra["huge_page_malloc_speedup_tiny"] = round(tiny_default_s / times[0], 3)
+    tiny_huge_s = times.pop("0, huge pages")
+    extra["huge_page_malloc_speedup_tiny"] = round(tiny_default_s / tiny_huge_s, 3)
+    extra["malloc_tiny"] = {"rows": _tunables(), "children": [huge.info["malloc"],
+                                                              default.info["malloc"]]}
     tokens = tiny.batch_size * tiny.seq_len
     for n_mtp, s in times.items():
         mfu = flops_per_token(cfgs[n_mtp], tiny.seq_len) * tokens / s / peak
@@ -217,11 +228,11 @@ def main() -> None:
                      f"{100 * mfu:.1f}%", f"{s / times[0]:.2f}x vs 0 MTP",
                      f"{compile_s[n_mtp]:.0f}"])
         print(rows[-1], flush=True)
-    mfu = flops_per_token(cfgs[0], tiny.seq_len) * tokens / tiny_default_s / peak
-    rows.append(["tiny-cpu, 0 MTP, glibc default malloc", rows[0][1], rows[0][2],
-                 f"{tiny_default_s * 1e3:.0f}", f"{tokens / tiny_default_s:,.0f}",
-                 f"{100 * mfu:.1f}%",
-                 f"{tiny_default_s / times[0]:.2f}x vs 0 MTP", "-"])
+    for label, t in [("huge-page malloc", tiny_huge_s), ("glibc default malloc", tiny_default_s)]:
+        mfu = flops_per_token(cfgs[0], tiny.seq_len) * tokens / t / peak
+        rows.append([f"tiny-cpu, 0 MTP, child process, {label}", rows[0][1], rows[0][2],
+                     f"{t * 1e3:.0f}", f"{tokens / t:,.0f}", f"{100 * mfu:.1f}%",
+                     f"{t / times[0]:.2f}x vs 0 MTP", "-"])
     extra["mtp_1_head_ratio"] = round(times[1] / times[0], 3)
     # The step-time ratio at equal MFU: below it, the head runs more efficiently than the body.
     for n in (1, 3):
@@ -229,9 +240,10 @@ def main() -> None:
             flops_per_token(cfgs[n], tiny.seq_len) / flops_per_token(cfgs[0], tiny.seq_len), 3)
     extra["mtp_goal"] = "<= 1.20x step time for one MTP head"
 
-    # 2. ~50M config: ours (no MTP) vs transformers eager, same weights and batch. The
-    # transformers step runs in a child process with glibc's default malloc, as its users run
-    # it (huge-page malloc, which ours gets from its entry points, measured slower for torch).
+    # 2. ~50M config: ours (no MTP) vs transformers eager, same weights and batch, every side
+    # in its own child process: ours with huge-page malloc as `mimo-jax train` runs (and with
+    # the default malloc, for what that gains), transformers with glibc's default malloc, as
+    # its users run it (huge-page malloc measured slower for torch's step).
     from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
     torch.manual_seed(0)
@@ -244,19 +256,18 @@ def main() -> None:
         tc = TrainConfig(batch_size=BIG_BATCH, seq_len=BIG_SEQ, lr=1e-4, warmup_steps=0,
                          balance_coef=0.0, bias_gamma=0.0)
         batch = _batch(BIG_BATCH, BIG_SEQ, HF_CONFIG["vocab_size"])
-        ours_run, c = our_step_runner(model, tc, batch)
         tokens = BIG_BATCH * BIG_SEQ
         child_args = {"model_dir": d, "ids": np.asarray(batch["ids"]).tolist()}
-        default_env = without_huge_pages(os.environ)
         with ChildProcess("train_step:transformers_sides", child_args, env=default_env) as child, \
-                ChildProcess("train_step:ours_default_malloc_sides", child_args,
-                             env=default_env) as ours_default:
+                ChildProcess("train_step:ours_sides", child_args, env=huge_env) as ours, \
+                ChildProcess("train_step:ours_sides", child_args, env=default_env) as default:
             impls = child.info["impls"]
             times, extra["load_50m"] = _timed(
-                {"ours": ours_run, "ours_default_malloc": ours_default.side("ours_default_malloc"),
+                {"ours": ours.side("ours"), "ours_default_malloc": default.side("ours"),
                  **{k: child.side(k) for k in child.sides}}, settle=1)
         ours_default_s = times.pop("ours_default_malloc")
-    extra["malloc"] = {"ours": TUNABLE if huge_pages_active() else "glibc default",
+        c = ours.info["compile_s"]
+    extra["malloc"] = {"ours": ours.info["malloc"], "ours_default_malloc": default.info["malloc"],
                        "transformers": child.info["glibc_tunables"] or "glibc default"}
     ours_s = times.pop("ours")
     extra["transformers_ms_by_experts_impl"] = {k: round(v * 1e3) for k, v in times.items()}

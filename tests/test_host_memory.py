@@ -75,3 +75,13 @@ def test_package_exports_resolve_lazily():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("unknown attribute resolved")
+
+
+def test_only_the_training_subcommands_restart_with_huge_pages():
+    from mimo_jax import cli
+
+    assert cli.subcommand(["-q", "train", "--preset", "tiny-cpu"]) == "train"
+    assert cli.subcommand(["--verbose", "demo"]) == "demo"
+    assert cli.subcommand(["--help"]) is None
+    assert set(cli.TRAINING_COMMANDS) == {"train", "demo", "mopd"}
+    assert {"generate", "eval", "convert"}.isdisjoint(cli.TRAINING_COMMANDS)

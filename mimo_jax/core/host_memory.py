@@ -5,13 +5,16 @@ XLA:CPU allocates an executable's temporaries as one buffer per call, freshly fr
 unmaps it afterwards, so every step faults it in again, 4 KiB at a time: about 200,000 page
 faults and 0.4 s of kernel time per step on the development VM. With the glibc tunable
 `glibc.malloc.hugetlb=1`, malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on
-such mappings: about 1,000 faults; the step ran 1.10x and 1.22x faster in two runs of
-benchmarks/train_step (which times both mallocs side by side), the tiny-cpu step 1.16x.
+such mappings: about 1,000 faults; the step ran 1.10x, 1.22x and 1.19x faster in three runs of
+benchmarks/train_step (which times both mallocs side by side), the tiny-cpu step 1.14-1.16x.
 
 Tunables are read when the process starts, so `ensure_huge_page_malloc` re-executes the
-interpreter with the setting added. Only the command-line entry points call it (never an
-import or a library function). It is a no-op off Linux/glibc, when transparent huge pages are
-disabled, when the setting is already there, and with MIMO_JAX_HUGE_PAGES=0.
+interpreter with the setting added. Only the command-line entry points of training call it
+(`mimo-jax train | demo | mopd`, `python -m experiments run`; never an import or a library
+function): the jitted forward of benchmarks/forward ran 0.96x as fast with it (each malloc in
+its own child process), so generation, evaluation and conversion keep the default. It is a
+no-op off Linux/glibc, when transparent huge pages are disabled, when the setting is already
+there, and with MIMO_JAX_HUGE_PAGES=0.
 
 Not for every process: PyTorch's CPU allocator, which maps and unmaps many mid-sized buffers
 per step, measured slower with it (more kernel time zeroing and compacting 2 MiB pages), so
