@@ -26,6 +26,11 @@ MIN_REPEATS = 5
 _LOAD_AT_START = os.getloadavg()  # this module is imported when a benchmark starts
 
 
+def malloc_setting() -> str:
+    """This process's glibc malloc tuning (GLIBC_TUNABLES), as recorded in the results."""
+    return os.environ.get("GLIBC_TUNABLES", "") or "glibc default"
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages, rounded."""
     return [round(x, 2) for x in os.getloadavg()]

@@ -26,7 +26,13 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ChildProcess, interleaved_runs, load_average, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ChildProcess,
+    interleaved_runs,
+    load_average,
+    malloc_setting,
+    write_results,
+)
 
 import mimo_jax  # noqa: E402
 from mimo_jax.core.host_memory import with_huge_pages, without_huge_pages  # noqa: E402
@@ -60,18 +66,18 @@ def transformers_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
     return ({k: torch_forward(k) for k in dict.fromkeys([default, "eager"])},
             {"attn_implementation": hf.config._attn_implementation,
              "torch_threads": torch.get_num_threads(),
-             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+             "malloc": malloc_setting()})
 
 
 def ours_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
     """For `common.ChildProcess`: our jitted forward as in `main`, in a process whose
-    environment picks the malloc (here: huge pages, to measure what they would change)."""
+    environment picks the malloc."""
     model = mimo_jax.load(model_dir, dtype="float32")
     forward = nnx.jit(lambda m, x: m(x, compute_mtp=False).logits)
     x = jax.numpy.asarray(np.asarray(ids, np.int32))
     jax.block_until_ready(forward(model, x))
     return ({"ours": lambda: jax.block_until_ready(forward(model, x))},
-            {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")})
+            {"malloc": malloc_setting()})
 
 
 def main() -> None:
@@ -140,9 +146,8 @@ def main() -> None:
          "speedup_at_measured_peak": round(1 / mfu["transformers"], 2),
          "goal": ">= 3x faster than transformers eager", "max_abs_logit_diff": max_diff,
          "torch_threads": child.info["torch_threads"],
-         "malloc": {"ours": ours_child.info["glibc_tunables"] or "glibc default",
-                    "ours_huge_pages": huge.info["glibc_tunables"],
-                    "transformers": child.info["glibc_tunables"] or "glibc default"},
+         "malloc": {"ours": ours_child.info["malloc"], "ours_huge_pages": huge.info["malloc"],
+                    "transformers": child.info["malloc"]},
          "transformers_impl": {
              "attn_implementation": child.info["attn_implementation"],
              "experts_implementation": f"{best_impl} (faster of {sorted(by_impl)})"},

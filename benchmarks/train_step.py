@@ -38,7 +38,13 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import ChildProcess, interleaved_runs, load_average, write_results  # noqa: E402
+from common import (  # noqa: E402
+    ChildProcess,
+    interleaved_runs,
+    load_average,
+    malloc_setting,
+    write_results,
+)
 
 import mimo_jax  # noqa: E402
 from mimo_jax.core.host_memory import (  # noqa: E402
@@ -161,11 +167,7 @@ def transformers_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
 
     sides = {k: torch_step(k) for k in dict.fromkeys([impls["experts_implementation"], "eager"])}
     return sides, {"impls": impls, "torch_threads": torch.get_num_threads(),
-                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
-
-
-def _tunables() -> str:
-    return os.environ.get("GLIBC_TUNABLES", "") or "glibc default"
+                   "malloc": malloc_setting()}
 
 
 def tiny_sides() -> tuple[dict, dict]:
@@ -174,7 +176,7 @@ def tiny_sides() -> tuple[dict, dict]:
     tc = TrainConfig.preset("tiny-cpu").override({"model.num_mtp_layers": 0})
     model = mimo_jax.MiMo(tc.model_config(), rngs=nnx.Rngs(0))
     run, c = our_step_runner(model, tc, _batch(tc.batch_size, tc.seq_len, 259))
-    return {"0": run}, {"malloc": _tunables(), "compile_s": c}
+    return {"0": run}, {"malloc": malloc_setting(), "compile_s": c}
 
 
 def ours_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
@@ -187,7 +189,7 @@ def ours_sides(model_dir: str, ids: list) -> tuple[dict, dict]:
     if np.asarray(batch["ids"]).tolist() != ids:
         raise RuntimeError("the child's batch differs from the parent's")
     run, c = our_step_runner(model, tc, batch)
-    return {"ours": run}, {"malloc": _tunables(), "compile_s": c}
+    return {"ours": run}, {"malloc": malloc_setting(), "compile_s": c}
 
 
 def main() -> None:
@@ -217,7 +219,7 @@ def main() -> None:
     tiny_default_s = times.pop("0, default malloc")
     tiny_huge_s = times.pop("0, huge pages")
     extra["huge_page_malloc_speedup_tiny"] = round(tiny_default_s / tiny_huge_s, 3)
-    extra["malloc_tiny"] = {"rows": _tunables(), "children": [huge.info["malloc"],
+    extra["malloc_tiny"] = {"rows": malloc_setting(), "children": [huge.info["malloc"],
                                                               default.info["malloc"]]}
     tokens = tiny.batch_size * tiny.seq_len
     for n_mtp, s in times.items():
@@ -268,7 +270,7 @@ def main() -> None:
         ours_default_s = times.pop("ours_default_malloc")
         c = ours.info["compile_s"]
     extra["malloc"] = {"ours": ours.info["malloc"], "ours_default_malloc": default.info["malloc"],
-                       "transformers": child.info["glibc_tunables"] or "glibc default"}
+                       "transformers": child.info["malloc"]}
     ours_s = times.pop("ours")
     extra["transformers_ms_by_experts_impl"] = {k: round(v * 1e3) for k, v in times.items()}
     best = min(times, key=times.get)

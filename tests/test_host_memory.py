@@ -32,9 +32,10 @@ def test_thp_mode_is_read_from_the_kernel_setting(tmp_path):
     assert hm._thp_available(str(tmp_path / "missing")) is False
 
 
-_PROBE = ("import sys; from mimo_jax.core import host_memory as hm; "
-          "hm.ensure_huge_page_malloc(); print(hm.huge_pages_active(), sys.flags.dev_mode, "
-          "sys.argv[1:])")
+_PROBE = ("import os, sys; from mimo_jax.core import host_memory as hm; "
+          "hm.ensure_huge_page_malloc(); "
+          "print(hm.TUNABLE in os.environ.get('GLIBC_TUNABLES', '').split(':'), "
+          "sys.flags.dev_mode, sys.argv[1:])")
 
 
 def _probe(**env: str) -> str:

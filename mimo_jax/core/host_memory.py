@@ -6,7 +6,8 @@ unmaps it afterwards, so every step faults it in again, 4 KiB at a time: about 2
 faults and 0.4 s of kernel time per step on the development VM. With the glibc tunable
 `glibc.malloc.hugetlb=1`, malloc asks for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on
 such mappings: about 1,000 faults; the step ran 1.10x, 1.22x and 1.19x faster in three runs of
-benchmarks/train_step (which times both mallocs side by side), the tiny-cpu step 1.14-1.16x.
+benchmarks/train_step (which times both mallocs side by side) but 0.90x in a fourth (see the
+compaction caveat below: that benchmark runs four processes), the tiny-cpu step 1.14-1.16x.
 
 Tunables are read when the process starts, so `ensure_huge_page_malloc` re-executes the
 interpreter with the setting added. Only the command-line entry points of training call it
@@ -66,11 +67,6 @@ def without_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     if kept:
         out["GLIBC_TUNABLES"] = ":".join(kept)
     return out
-
-
-def huge_pages_active() -> bool:
-    """Whether this process started with the tunable (what benchmarks record)."""
-    return TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 def ensure_huge_page_malloc() -> None:
