@@ -233,6 +233,45 @@ def test_weight_decay_mask_and_schedule():
     tx.init(params)
 
 
+@pytest.mark.parametrize("norm_scale", [0.0, 0.3, 1.0, 7.0])  # zero, below, at, above max
+def test_clip_by_global_norm_matches_optax(norm_scale):
+    from mimo_jax.train.optimizer import clip_by_global_norm
+
+    rng = np.random.default_rng(0)
+    g = {"a": rng.standard_normal((5, 3)), "b": {"c": rng.standard_normal((11,))}}
+    g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
+    g = jax.tree.map(lambda x: x * (norm_scale * 2.0 / optax.global_norm(g)), g)  # norm = 2 s
+    ours, theirs = clip_by_global_norm(2.0), optax.clip_by_global_norm(2.0)
+    assert (jax.tree.structure(ours.init(g)) == jax.tree.structure(theirs.init(g)))
+    got, _ = ours.update(g, ours.init(g))
+    want, _ = theirs.update(g, theirs.init(g))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    assert float(optax.global_norm(got)) == pytest.approx(min(2.0, 2.0 * norm_scale), rel=1e-5)
+
+
+def test_clipped_gradient_is_not_materialised():
+    """The clip scale fuses into AdamW's moment updates: no kernel writes a clipped copy of a
+    gradient (optax's divide did: one extra pass over every gradient)."""
+    from mimo_jax.train.optimizer import make_optimizer
+
+    tc = TrainConfig(warmup_steps=0)
+    _, params = nnx.split(nnx.Linear(64, 48, rngs=nnx.Rngs(0)), nnx.Param)
+    tx = make_optimizer(tc)
+
+    def apply(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    hlo = jax.jit(apply).lower(params, tx.init(params), params).compile().as_text()
+    entry = hlo[hlo.index("ENTRY"):].splitlines()
+    for moment in ("mu", "nu"):  # the kernel that updates each moment reads the raw gradient
+        (line,) = [x for x in entry if " fusion(" in x and f"__{moment}__kernel" in x]
+        assert "%g__kernel" in line, line
+    # optax's clip: a [64, 48] kernel that only divides the gradient, read by both moments
+    assert not [x for x in entry if " fusion(" in x and "f32[64,48]" in x and "/div" in x]
+
+
 def test_flops_count_sliding_attention_as_linear_in_window():
     cfg = ModelConfig.tiny()
     short, long = flops_per_token(cfg, 1024), flops_per_token(cfg, 2048)

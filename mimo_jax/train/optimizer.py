@@ -3,6 +3,8 @@ biases, global-norm clipping 1.0, and a warmup -> constant -> cosine learning-ra
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -38,9 +40,27 @@ def decay_mask(params: nnx.State) -> nnx.State:
     return nnx.from_flat_state(flat)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` as a multiply by one scalar, min(1, max_norm / norm).
+
+    optax divides every element by the norm; XLA will not duplicate a divide into each
+    consumer, so it wrote a clipped copy of every gradient before the moment updates read it
+    (an extra read and write of all gradients per step, ~25% of the optimizer's time on CPU).
+    A multiply fuses into the AdamW update. Same state (empty) as optax's, so checkpoints of
+    either restore into the other; values agree to rounding.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(tc.clip_norm),
+        clip_by_global_norm(tc.clip_norm),
         optax.adamw(
             lr_schedule(tc),
             b1=tc.b1,

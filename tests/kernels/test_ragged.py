@@ -26,6 +26,10 @@ megablox = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm
 IMPLS = {
     "reference": reference_ragged_matmul,
     "cpu_bucketed": make_cpu_bucketed(block=4),
+    # The batched part with 3 slots per group (most groups overflow into the loop) and with
+    # room for every row (the loop has nothing left to do).
+    "cpu_slots3": make_cpu_bucketed(block=4, capacity=3),
+    "cpu_slots_all": make_cpu_bucketed(block=4, capacity=64),
     "pallas_tpu": make_pallas_tpu(tiling=(8, 16, 16), interpret=True),
     "pallas_gpu": make_pallas_gpu(tiling=(16, 16, 16), interpret=True),
 }
@@ -116,6 +120,8 @@ def _hypothesis_test(name, max_examples):
 
 test_reference_random = _hypothesis_test("reference", 5)
 test_cpu_bucketed_random = _hypothesis_test("cpu_bucketed", 6)
+test_cpu_slots3_random = _hypothesis_test("cpu_slots3", 6)
+test_cpu_slots_all_random = _hypothesis_test("cpu_slots_all", 4)
 test_pallas_tpu_random = _hypothesis_test("pallas_tpu", 5)
 test_pallas_gpu_random = _hypothesis_test("pallas_gpu", 5)
 
@@ -135,9 +141,19 @@ def test_edges(name, edge):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pallas_tpu", "pallas_gpu", "cpu_bucketed"])
+@pytest.mark.parametrize("name", ["pallas_tpu", "pallas_gpu", "cpu_bucketed", "cpu_slots3"])
 def test_larger_random_slow(name):
     _hypothesis_test(name, 25)()
+
+
+def test_default_capacity():
+    from pallas_kernels.ragged.cpu import default_capacity
+
+    assert default_capacity(4096, 32, 384, 320) == 160  # 1.25 x 128 rows, a multiple of 8
+    assert default_capacity(1000, 7, 64, 64) == 184  # 1.25 x 142.9 = 178 -> 184
+    assert default_capacity(31 * 8, 8, 64, 64) == 0  # mean under 32 rows: the loop alone
+    assert default_capacity(8, 256, 64, 64) == 0  # decoding
+    assert default_capacity(32768, 64, 512, 512) == 0  # large per-group matmuls: the loop
 
 
 def test_default_tiles_and_block_multiple_tiles():
