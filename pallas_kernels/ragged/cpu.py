@@ -3,7 +3,7 @@ over non-empty groups for the rows that do not fit.
 
 ``lax.ragged_dot`` on XLA:CPU does dense work over every group (G times the FLOPs). Here:
 1. Slots: each group's first ``capacity`` rows (``default_capacity``: 1.25x the mean group
-   size, when a group's matmul is small) are gathered into [G, capacity, K] (zeros past the
+   size, when the loop's dots would be small) are gathered into [G, capacity, K] (zeros past the
    group's end) and multiplied by the weights in one batched ``einsum``. XLA:CPU spreads that
    over every core, which a loop cannot: it runs a while loop's body one op at a time, so the
    loop's small dots used one of this machine's two cores (fwd 12.9 ms on one core or two;
@@ -45,21 +45,23 @@ def default_block(m: int, num_groups: int) -> int:
     return int(min(256, max(32, 1 << (quarter.bit_length() - 1))))
 
 
-# Slots pay when a group's matmul is small: measured fwd+bwd slots vs loop on 2 Zen 4 cores
-# (M, G, K, N; multiply-adds per group = M / G * K * N): 4096, 32, 384, 320 (15.7M) 1.98x;
-# 4096, 32, 160, 384 (7.9M) 1.68x; 4096, 64, 384, 320 (7.9M) 1.50x; 4096, 8, 128, 192 (12.6M)
-# 1.61x; but 8192, 256, 1024, 1024 (33.6M) 0.83x and 32768, 64, 512, 512 (134M) 0.84x, where
-# the loop's dots are large enough to use every core themselves.
-SLOTS_MAX_GROUP_MACS = 24_000_000
+# Slots pay when the loop's dots are small: a dot of `default_block` rows is not split over
+# cores. Measured fwd+bwd slots vs loop on 2 Zen 4 cores (M, G, K, N; block x K x N
+# multiply-adds per loop dot): 4096, 32, 384, 320 (3.9M) 1.5-2.0x; 4096, 32, 160, 384 (2.0M)
+# 1.7-2.0x; 8192, 32, 384, 320 (7.9M) 1.22x; 8192, 32, 160, 384 (3.9M) 1.01x; 4096, 64, 384,
+# 320 (3.9M) 1.50x; 4096, 8, 128, 192 (3.1M) 1.61x; but 8192, 256, 1024, 1024 (33.6M) 0.83x
+# and 32768, 64, 512, 512 (33.6M) 0.84x.
+SLOTS_MAX_DOT_MACS = 1 << 24
 
 
 def default_capacity(m: int, num_groups: int, k: int, n: int) -> int:
     """Rows per group in the batched part: 1.25x the mean group size (rounded up to 8), or 0
-    (the loop alone) when a group's mean matmul is large (over SLOTS_MAX_GROUP_MACS) or its
-    mean row count is under 32 (decoding, small batches: slots would read every expert's
-    weight for a handful of rows, while the loop reads only the experts that have rows)."""
+    (the loop alone) when the loop's dots would be large enough to use every core themselves
+    (``default_block`` x K x N over SLOTS_MAX_DOT_MACS) or the mean group has under 32 rows
+    (decoding, small batches: slots would read every expert's weight for a handful of rows,
+    while the loop reads only the experts that have rows)."""
     mean = m / max(num_groups, 1)
-    if mean < 32 or mean * k * n > SLOTS_MAX_GROUP_MACS:
+    if mean < 32 or default_block(m, num_groups) * k * n > SLOTS_MAX_DOT_MACS:
         return 0
     return -(-int(1.25 * mean) // 8) * 8
 

@@ -153,7 +153,8 @@ def test_default_capacity():
     assert default_capacity(1000, 7, 64, 64) == 184  # 1.25 x 142.9 = 178 -> 184
     assert default_capacity(31 * 8, 8, 64, 64) == 0  # mean under 32 rows: the loop alone
     assert default_capacity(8, 256, 64, 64) == 0  # decoding
-    assert default_capacity(32768, 64, 512, 512) == 0  # large per-group matmuls: the loop
+    assert default_capacity(8192, 32, 384, 320) == 320  # blocks of 64 rows: 7.9M per dot
+    assert default_capacity(32768, 64, 512, 512) == 0  # 128-row dots, 33.6M: the loop
 
 
 def test_default_tiles_and_block_multiple_tiles():
