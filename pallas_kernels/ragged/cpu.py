@@ -51,17 +51,17 @@ def default_block(m: int, num_groups: int) -> int:
 # 1.7-2.0x; 8192, 32, 384, 320 (7.9M) 1.22x; 8192, 32, 160, 384 (3.9M) 1.01x; 4096, 64, 384,
 # 320 (3.9M) 1.50x; 4096, 8, 128, 192 (3.1M) 1.61x; but 8192, 256, 1024, 1024 (33.6M) 0.83x
 # and 32768, 64, 512, 512 (33.6M) 0.84x.
-SLOTS_MAX_DOT_MACS = 1 << 24
+LARGE_DOT_MACS = 1 << 24  # a loop dot this large uses every core itself: no slots
 
 
 def default_capacity(m: int, num_groups: int, k: int, n: int) -> int:
     """Rows per group in the batched part: 1.25x the mean group size (rounded up to 8), or 0
     (the loop alone) when the loop's dots would be large enough to use every core themselves
-    (``default_block`` x K x N over SLOTS_MAX_DOT_MACS) or the mean group has under 32 rows
+    (``default_block`` x K x N of LARGE_DOT_MACS or more) or the mean group has under 32 rows
     (decoding, small batches: slots would read every expert's weight for a handful of rows,
     while the loop reads only the experts that have rows)."""
     mean = m / max(num_groups, 1)
-    if mean < 32 or default_block(m, num_groups) * k * n > SLOTS_MAX_DOT_MACS:
+    if mean < 32 or default_block(m, num_groups) * k * n >= LARGE_DOT_MACS:
         return 0
     return -(-int(1.25 * mean) // 8) * 8
 

@@ -155,6 +155,7 @@ def test_default_capacity():
     assert default_capacity(8, 256, 64, 64) == 0  # decoding
     assert default_capacity(8192, 32, 384, 320) == 320  # blocks of 64 rows: 7.9M per dot
     assert default_capacity(32768, 64, 512, 512) == 0  # 128-row dots, 33.6M: the loop
+    assert default_capacity(8192, 256, 512, 1024) == 0  # 32-row dots, 2^24 exactly: the loop
 
 
 def test_default_tiles_and_block_multiple_tiles():
