@@ -50,6 +50,11 @@ def _moe(d: dict) -> str:
             "XLA:CPU `ragged_dot`")
 
 
+def _moe_cpu_slots(d: dict) -> str:
+    r = d["fwd_bwd_speedup"]["~50M train step, gate/up"]
+    return f"{_x(r)} the loop alone (fwd+bwd, ~50M train step's gate/up)"
+
+
 GLOBAL_EXTRA = "global layer's extra"
 
 
@@ -109,6 +114,8 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      _attention),
     ("moe.py", "moe", "MoE expert path vs the ideal dense matmul chain (main figure), "
      "XLA:CPU `ragged_dot`, and all-experts dense", _moe),
+    ("moe_cpu_slots.py", "moe_cpu_slots", "CPU grouped matmul: batched slots + loop (default) "
+     "vs the loop alone, per shape", _moe_cpu_slots),
     ("train_step.py", "train_step", "training tokens/s, MFU, MTP head cost, vs a transformers "
      "step", _train),
     ("decode.py", "decode", "decode tokens/s, MTP speculation at batch 1/4/16, FP8 vs bf16 "

@@ -242,7 +242,7 @@ def test_clip_by_global_norm_matches_optax(norm_scale):
     g = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g)
     g = jax.tree.map(lambda x: x * (norm_scale * 2.0 / optax.global_norm(g)), g)  # norm = 2 s
     ours, theirs = clip_by_global_norm(2.0), optax.clip_by_global_norm(2.0)
-    assert (jax.tree.structure(ours.init(g)) == jax.tree.structure(theirs.init(g)))
+    assert jax.tree.structure(ours.init(g)) == jax.tree.structure(theirs.init(g))
     got, _ = ours.update(g, ours.init(g))
     want, _ = theirs.update(g, theirs.init(g))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):

@@ -6,11 +6,12 @@ over non-empty groups for the rows that do not fit.
    size, when the loop's dots would be small) are gathered into [G, capacity, K] (zeros past the
    group's end) and multiplied by the weights in one batched ``einsum``. XLA:CPU spreads that
    over every core, which a loop cannot: it runs a while loop's body one op at a time, so the
-   loop's small dots used one of this machine's two cores (fwd 12.9 ms on one core or two;
-   slots 9.9 ms, fwd+bwd 43 -> 31 ms at M 4096, G 32, K 384, N 320). With balanced routing
-   nearly every row fits.
-2. Loop: rows past a group's capacity (and every row, when the mean group is under 32 rows,
-   e.g. decoding, where slots would read every expert's weight for a handful of rows): each
+   loop's small dots used one of this machine's two cores (fwd 12.9 ms on one core or two
+   at M 4096, G 32, K 384, N 320; benchmarks/moe_cpu_slots.py has slots vs loop per shape).
+   With balanced routing nearly every row fits.
+2. Loop: rows past a group's capacity, and every row when there are no slots (the mean group
+   is under 32 rows, e.g. decoding, where slots would read every expert's weight for a
+   handful of rows; or the loop's dots are large enough to use every core themselves): each
    non-empty group slices its weight once and multiplies its sorted rows in blocks of
    ``block`` rows with a plain dot; a block running past the group's end is masked on store,
    so no row is padded. Trip counts are dynamic (only the blocks that exist run), while all
@@ -46,11 +47,9 @@ def default_block(m: int, num_groups: int) -> int:
 
 
 # Slots pay when the loop's dots are small: a dot of `default_block` rows is not split over
-# cores. Measured fwd+bwd slots vs loop on 2 Zen 4 cores (M, G, K, N; block x K x N
-# multiply-adds per loop dot): 4096, 32, 384, 320 (3.9M) 1.5-2.0x; 4096, 32, 160, 384 (2.0M)
-# 1.7-2.0x; 8192, 32, 384, 320 (7.9M) 1.22x; 8192, 32, 160, 384 (3.9M) 1.01x; 4096, 64, 384,
-# 320 (3.9M) 1.50x; 4096, 8, 128, 192 (3.1M) 1.61x; but 8192, 256, 1024, 1024 (33.6M) 0.83x
-# and 32768, 64, 512, 512 (33.6M) 0.84x.
+# cores. benchmarks/moe_cpu_slots.py: 1.1-1.7x fwd+bwd at loop dots of 2.0M-7.9M
+# multiply-adds; forced on at 33.6M (8192, 256, 1024, 1024 and 32768, 64, 512, 512) slots
+# measured 0.83x and 0.84x.
 LARGE_DOT_MACS = 1 << 24  # a loop dot this large uses every core itself: no slots
 
 
@@ -77,6 +76,14 @@ def _row_block(a: jax.Array, row0: jax.Array, b: int) -> tuple[jax.Array, jax.Ar
     """``b`` rows from ``row0`` (clamped to stay in bounds) and their absolute row indices."""
     row0 = jnp.clip(row0, 0, a.shape[0] - b)
     return jax.lax.dynamic_slice_in_dim(a, row0, b), row0 + jnp.arange(b, dtype=jnp.int32)
+
+
+def _block_and_capacity(m: int, num_groups: int, k: int, n: int, block: int | None,
+                        capacity: int | None) -> tuple[int, int]:
+    """Rows per loop dot and slots per group: the given values, else the defaults."""
+    b = min(block or default_block(m, num_groups), m)
+    c = default_capacity(m, num_groups, k, n) if capacity is None else min(capacity, m)
+    return b, c
 
 
 def _to_slots(x_mk: jax.Array, starts: jax.Array, ends: jax.Array, c: int) -> jax.Array:
@@ -135,11 +142,9 @@ def gmm(
     block: int | None = None,
     capacity: int | None = None,
 ) -> jax.Array:
-    m = x_mk.shape[0]
+    m, k = x_mk.shape
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    b = min(block or default_block(m, w.shape[0]), m)
-    k = x_mk.shape[1]
-    c = default_capacity(m, w.shape[0], k, n) if capacity is None else min(capacity, m)
+    b, c = _block_and_capacity(m, w.shape[0], k, n, block, capacity)
     starts, ends = group_bounds(group_sizes, m)
     if not c:  # Rows nobody owns (past sum(group_sizes)) keep these zeros.
         return _gmm_loop(x_mk, w, starts, ends, transpose_rhs, out_dtype, b,
@@ -155,7 +160,8 @@ def gmm(
 
 
 def _tgmm_loop(a_mk, b_mn, starts, ends, bs, out_gkn):
-    """``out_gkn[g] += a_g^T @ b_g`` over rows [starts[g], ends[g]), ``bs`` rows per dot."""
+    """``out_gkn[g] += a_g^T @ b_g`` over rows [starts[g], ends[g]), ``bs`` rows per dot
+    (summed in float32 within a group)."""
     k, n = a_mk.shape[1], b_mn.shape[1]
     ids, count = _nonempty_groups(starts, ends)
     compute_dtype = jnp.promote_types(a_mk.dtype, b_mn.dtype)
@@ -179,7 +185,7 @@ def _tgmm_loop(a_mk, b_mn, starts, ends, bs, out_gkn):
         acc_kn = jax.lax.fori_loop(
             0, (end - start + bs - 1) // bs, block_body, jnp.zeros((k, n), jnp.float32)
         )
-        return out_gkn.at[g].add(acc_kn)
+        return out_gkn.at[g].add(acc_kn.astype(out_gkn.dtype))
 
     return jax.lax.fori_loop(0, count, group_body, out_gkn)
 
@@ -196,11 +202,11 @@ def tgmm(
     m, k = a_mk.shape
     n = b_mn.shape[1]
     num_groups = group_sizes.shape[0]
-    bs = min(block or default_block(m, num_groups), m)
-    c = default_capacity(m, num_groups, k, n) if capacity is None else min(capacity, m)
+    bs, c = _block_and_capacity(m, num_groups, k, n, block, capacity)
     starts, ends = group_bounds(group_sizes, m)
-    # float32 accumulator; empty groups are never visited and keep zeros.
-    out_gkn = jnp.zeros((num_groups, k, n), jnp.float32)
+    # Empty groups are never visited and keep zeros. The loop alone writes each group once,
+    # in out_dtype; after the slots it adds to their float32 sums.
+    out_gkn = jnp.zeros((num_groups, k, n), out_dtype)
     if c:
         compute_dtype = jnp.promote_types(a_mk.dtype, b_mn.dtype)
         out_gkn = jnp.einsum("gck,gcn->gkn", _to_slots(a_mk, starts, ends, c).astype(compute_dtype),
