@@ -41,10 +41,26 @@ def test_vocabulary_specials_and_merges(tok):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(max_size=80))
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from([BOS, EOS, "<|", "|>"])),
+                max_size=6).map("".join))
 def test_round_trip_any_text(tok, text):
-    """Every byte is in the alphabet, so text the corpus never showed encodes and decodes."""
-    assert tok.decode(tok.encode(text)) == text
+    """Every byte is in the alphabet, so text the corpus never showed encodes and decodes; a
+    special token's text inside it is plain text."""
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.bos_id not in ids and tok.eos_id not in ids
+
+
+def test_special_text_is_literal_unless_parsed(tok):
+    """Documents cannot inject BOS/EOS; prompts in a chat template can ask for them."""
+    text = f"a{EOS}b{BOS}"
+    literal = tok.encode(text)
+    assert tok.eos_id not in literal and tok.bos_id not in literal
+    assert tok.decode(literal) == text
+    parsed = list(tok.encode(text, parse_special=True))
+    assert parsed.count(tok.eos_id) == 1 and parsed.count(tok.bos_id) == 1
+    assert parsed[-1] == tok.bos_id
+    assert list(tok.encode("plain", parse_special=True)) == list(tok.encode("plain"))
 
 
 @settings(max_examples=60, deadline=None)

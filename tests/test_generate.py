@@ -238,3 +238,18 @@ def test_cli_generate_json(tmp_path, capsys):
     rc = _cli(["generate", "--checkpoint", str(plain_dir), "--prompt", "hi", "--speculative", "1"])
     assert rc == 2
     assert "no MTP weights" in capsys.readouterr().err
+
+
+def test_string_prompts_parse_special_tokens(tmp_path):
+    """A prompt's chat markup maps to the special ids (as in Hugging Face), after BOS."""
+    from mimo_jax.data.bpe import BOS, EOS, train_bpe_tokenizer
+    from mimo_jax.data.tokenizer import load_tokenizer
+    from mimo_jax.inference.generate import _encode
+
+    spec = train_bpe_tokenizer(["user: hi\nassistant: hello\n"] * 4, tmp_path / "tok.json",
+                               vocab_size=280, min_frequency=1)
+    tok = load_tokenizer(spec)
+    (ids,) = _encode([f"hi{EOS}there"], tok, 280)
+    assert ids[0] == tok.bos_id and ids.count(tok.eos_id) == 1
+    assert tok.decode(ids[1:]) == "hithere"  # decoding drops specials
+    assert BOS in tok.decode(tok.encode(f"x{BOS}"))  # documents keep it as text

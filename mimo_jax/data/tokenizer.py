@@ -26,7 +26,7 @@ class Tokenizer(Protocol):
     eos_id: int | None
     pad_id: int | None
 
-    def encode(self, text: str) -> np.ndarray: ...
+    def encode(self, text: str, *, parse_special: bool = False) -> np.ndarray: ...
 
     def decode(self, ids) -> str: ...
 
@@ -41,7 +41,8 @@ class ByteTokenizer:
         self.vocab_size = 259
         self.bos_id, self.eos_id, self.pad_id = self.BOS, self.EOS, self.PAD
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, *, parse_special: bool = False) -> np.ndarray:
+        del parse_special  # no special token has a text form here
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
@@ -64,8 +65,11 @@ class HFTokenizer:
             raise FileNotFoundError(f"no tokenizer.json at {path}")
         try:
             self._tok = _Tok.from_file(path)
+            # A second copy that reads special tokens' text as plain text (see `encode`).
+            self._literal = _Tok.from_file(path)
         except Exception as e:
             raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+        self._literal.encode_special_tokens = True
         self.spec = {"kind": "hf", "path": os.path.abspath(path), "bos": bos, "eos": eos}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special(bos)
@@ -80,8 +84,13 @@ class HFTokenizer:
             raise ValueError(f"special token {token!r} is not in {self.spec['path']}")
         return int(idx)
 
-    def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+    def encode(self, text: str, *, parse_special: bool = False) -> np.ndarray:
+        """Ids of `text`. By default a special token's text (e.g. "<|eos|>" inside a document)
+        is encoded as the characters it is made of, so data can never inject a BOS/EOS and
+        `decode(encode(text)) == text` for any text. `parse_special=True` maps such text to the
+        special ids, as Hugging Face does, for prompts written in a chat template."""
+        tok = self._tok if parse_special else self._literal
+        return np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)])

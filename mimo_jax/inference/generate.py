@@ -92,7 +92,7 @@ def _encode(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("string prompts need a tokenizer (pass tokenizer=...)")
-            ids = [int(t) for t in tokenizer.encode(p)]
+            ids = [int(t) for t in tokenizer.encode(p, parse_special=True)]  # chat markup
             if getattr(tokenizer, "bos_id", None) is not None:
                 ids = [int(tokenizer.bos_id)] + ids  # as the training pipeline does
             if not p:
@@ -142,7 +142,8 @@ def generate(
 
     Args:
       prompts: a list of token-id lists (or strings, with `tokenizer`; BOS is prepended when the
-        tokenizer has one, as in training). Rows may differ in length (right-padded inside).
+        tokenizer has one, as in training, and special tokens' text such as "<|im_start|>" maps
+        to their ids). Rows may differ in length (right-padded inside).
       temperature: 0 = greedy; top_k (0 = off) and top_p (1 = off) filter before sampling.
       stop_tokens: ids that end a row (default: the tokenizer's EOS, else the config's).
       speculative: K > 0 drafts K tokens per step with the first K MTP heads.
