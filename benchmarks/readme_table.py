@@ -79,8 +79,13 @@ def _passkey(k: dict | None) -> str:
 
 def _convert(d: dict) -> str:
     rows = [r for r in d["rows"] if r.get("tree", "this tree") == "this tree"]
-    return "; ".join(f"{r['mode']} {r['ratio_to_raw']:.2f}x raw read ({r['src_gbps']:.2f} GB/s)"
-                     for r in rows)
+    copies = {r["mode"]: r for r in d["rows"] if r.get("tree") == "raw copy"}
+
+    def ceiling(mode: str) -> str:  # results before 2026-12-07 have no raw-copy rows
+        c = copies.get(mode)
+        return "" if c is None else f", raw-copy ceiling {c['ratio_to_raw']:.2f}x"
+    return "; ".join(f"{r['mode']} {r['ratio_to_raw']:.2f}x raw read ({r['src_gbps']:.2f} GB/s"
+                     f"{ceiling(r['mode'])})" for r in rows)
 
 
 def _eval(d: dict) -> str:
