@@ -151,7 +151,7 @@ def attention(
         interpret = _SELECTED.get()[1]
     _check_choice(name, interpret)
     extra = {"interpret": interpret} if name in PALLAS else {}
-    if name == "pallas_tpu":  # a static offset lets the banded grid drop never-used steps
+    if name in ("pallas_tpu", "xla"):  # a static offset lets them skip never-used blocks
         extra["static_q_offset"] = static_q_offset
     return IMPLEMENTATIONS[name](
         q, k, v, sinks=sinks, window=window, q_segment_ids=q_seg, kv_segment_ids=kv_seg,

@@ -121,6 +121,34 @@ def test_xla_bf16(case):
     _check(IMPLS["xla"], case, jnp.bfloat16)
 
 
+@settings(max_examples=8, **SETTINGS)
+@given(case=cases(max_t=40))
+def test_xla_static_offset_f32(case):
+    """The offset known at trace time: the full path meets each key chunk with only the rows
+    that can see it (8-key chunks, so up to 7 of them are skipped for some rows)."""
+    impl = functools.partial(xla_attention, chunk=4, full_chunk=8, static_q_offset=case[10])
+    _check(impl, case, jnp.float32)
+
+
+@pytest.mark.parametrize("max_unrolled", [1, 16])
+def test_xla_static_offset_unrolled_or_scanned(monkeypatch, max_unrolled):
+    """Past MAX_UNROLLED_CHUNKS key chunks the static offset falls back to the scan; both
+    match the reference (bf16, a prefix, GQA, sinks, segments, 6 chunks)."""
+    import pallas_kernels.attn.xla_banded as xb
+
+    monkeypatch.setattr(xb, "MAX_UNROLLED_CHUNKS", max_unrolled)
+    xla_attention.clear_cache()  # compiled under the other setting otherwise
+    impl = functools.partial(xla_attention, chunk=4, full_chunk=8, static_q_offset=11)
+    case = (2, 37, 48, 12, 3, 16, 8, None, True, True, 11, 5)
+    _check(impl, case, jnp.bfloat16)
+    q, k, v, sk, q_seg, kv_seg, _ = _inputs(*case[-1:], *case[:7], jnp.bfloat16, *case[8:11])
+    jaxpr = str(jax.make_jaxpr(lambda *a: impl(*a, sinks=sk, window=None, q_segment_ids=q_seg,
+                                                kv_segment_ids=kv_seg, q_offset=11,
+                                                scale=0.25))(q, k, v))
+    assert ("scan" in jaxpr) == (max_unrolled == 1)
+    xla_attention.clear_cache()
+
+
 @settings(max_examples=4, **SETTINGS)
 @given(case=cases())
 def test_pallas_tpu_f32(case):
