@@ -42,6 +42,13 @@ def _attention(d: dict) -> str:
     return f"{fwd[-1][4]} faster than dense at T={fwd[-1][0]} (fwd)"
 
 
+def _attention_causal(d: dict) -> str:
+    r = d["speedup_static_vs_traced"]
+    t = max(int(k.split()[0]) for k in r)
+    return (f"static offset {_x(r[f'{t} fwd+bwd'])} the traced one at T={t} (fwd+bwd), "
+            f"{_x(r[f'{t} fwd'])} (fwd)")
+
+
 def _moe(d: dict) -> str:
     g = d["goals"]
     ideal = g["spec ours/ideal fwd_bwd_s (goal <= 2)"]
@@ -117,6 +124,9 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      _forward),
     ("attention.py", "attention", "banded XLA attention vs dense masked, T = 1k..16k, W = 128",
      _attention),
+    ("attention_causal.py", "attention_causal", "full causal XLA attention (global layers): "
+     "hidden key blocks skipped (static offset) vs every row (traced offset)",
+     _attention_causal),
     ("moe.py", "moe", "MoE expert path vs the ideal dense matmul chain (main figure), "
      "XLA:CPU `ragged_dot`, and all-experts dense", _moe),
     ("moe_cpu_slots.py", "moe_cpu_slots", "CPU grouped matmul: batched slots + loop (default) "

@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-ALL="forward attention moe moe_cpu_slots train_step decode decode_attention convert eval"
+ALL="forward attention attention_causal moe moe_cpu_slots train_step decode decode_attention convert eval"
 if [ "$QUICK" = 1 ]; then
   export MIMO_BENCH_QUICK=1
   MIMO_BENCH_RESULTS="$(mktemp -d /tmp/mimo_bench_quick.XXXXXX)"
