@@ -8,8 +8,9 @@ handful of einsums, which is what XLA:CPU runs fastest.
 
 Full causal (``window`` None or >= S): an online softmax over key chunks, so the [T, S] score
 matrix is never materialised. With the query offset known at trace time (training, a prefill
-from position 0) the chunks are unrolled and each meets only the query rows that causality lets
-see it (about half the work of the square at T = S); otherwise a ``lax.scan`` meets every row.
+from position 0) the chunks are unrolled (in at most MAX_UNROLLED_CHUNKS groups, a scan inside
+each) and each meets only the query rows that causality lets see it (about half the work of
+the square at T = S); otherwise a ``lax.scan`` meets every row.
 
 Both paths have a ``jax.custom_vjp`` that saves only the output and the per-row logsumexp
 (sinks included) and recomputes probabilities in the backward.
@@ -27,8 +28,9 @@ import numpy as np
 NEG = -0.7 * float(np.finfo(np.float32).max)
 # Query rows per lax.map step of the banded path: keeps its [.., C, L] tensors in cache.
 GROUP_ROWS = 1024
-# Key chunks the full path unrolls (to skip causally hidden rows) before it falls back to a
-# scan over every row (the unrolled graph grows with the chunk count: compile time).
+# Key-chunk groups the full path unrolls to skip causally hidden rows: up to this many chunks
+# one each, past it consecutive chunks share a group (a scan, from the group's first visible
+# row), so the graph stays this size at any length.
 MAX_UNROLLED_CHUNKS = 16
 # Smallest key chunk the unrolled path uses: finer chunks skip more of the hidden triangle
 # (one full layer at T = 1024 on CPU, fwd+bwd: 275 ms scanned, 205 / 166 / 142 ms unrolled
@@ -246,17 +248,26 @@ def _full_bias(j, r, t, s, ck, window, q_offset, q_seg, kv_seg_c):
     return jnp.where(allowed, 0.0, NEG)[:, :, None, None, :]
 
 
-def _first_rows(t: int, s: int, ck: int, static_q_offset: int | None) -> list[int] | None:
-    """With the query offset known at trace time: for each key chunk, the first query row
-    that can see any of its keys (causality hides the chunk from every row before it), T
-    for a chunk no row sees. None (offset traced): every chunk against every row."""
-    if static_q_offset is None or _cdiv(s, ck) > MAX_UNROLLED_CHUNKS:
+def _chunk_groups(t: int, s: int, ck: int, static_q_offset: int | None
+                  ) -> list[tuple[int, int, int]] | None:
+    """With the query offset known at trace time: (first key chunk, chunk count, first query
+    row that can see any of their keys) per group of consecutive key chunks, at most
+    MAX_UNROLLED_CHUNKS groups (causality hides a group from every row before its first; T
+    for a group no row sees). None (offset traced): every chunk against every row."""
+    if static_q_offset is None:
         return None
-    return [min(t, max(0, j * ck - static_q_offset)) for j in range(_cdiv(s, ck))]
+    nk = _cdiv(s, ck)
+    per = _cdiv(nk, MAX_UNROLLED_CHUNKS)
+    return [(j, min(per, nk - j), min(t, max(0, j * ck - static_q_offset)))
+            for j in range(0, nk, per)]
 
 
 def _rows(x, r):
     return None if x is None else x[:, r:]
+
+
+def _rows0(x, j0, n):
+    return None if x is None else x[j0:j0 + n]
 
 
 def _full_fwd_step(q_btkgd, k_c, v_c, bias, m, denom, acc, scale):
@@ -289,24 +300,32 @@ def _full_fwd(q, k, v, sinks, q_seg, kv_seg, q_offset, window, scale, chunk, sta
         m0 = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(hkv, g), (b, t, hkv, g))
         l0 = jnp.ones((b, t, hkv, g), jnp.float32)
     acc0 = jnp.zeros((b, t, hkv, g, dv_), jnp.float32)
-    first = _first_rows(t, s, ck, static_q_offset)
-    if first is None:
+
+    def scan(r, carry, j0, n):
+        """The online-softmax state of query rows r.. after key chunks j0 .. j0+n-1."""
+        rows_q, rows_seg = q_btkgd[:, r:], _rows(q_seg, r)
+
         def step(carry, x):
             j, k_c, v_c, kv_seg_c = x
-            bias = _full_bias(j, 0, t, s, ck, window, q_offset, q_seg, kv_seg_c)
-            return _full_fwd_step(q_btkgd, k_c, v_c, bias, *carry, scale), None
+            bias = _full_bias(j, r, t, s, ck, window, q_offset, rows_seg, kv_seg_c)
+            return _full_fwd_step(rows_q, k_c, v_c, bias, *carry, scale), None
 
-        xs = (jnp.arange(_cdiv(s, ck)), k_chunks, v_chunks, kv_seg_chunks)
-        (m, denom, acc), _ = jax.lax.scan(step, (m0, l0, acc0), xs)
-    else:  # unrolled: key chunk j against rows first[j]: only (causal block skipping)
+        if n == 1:  # no loop: XLA:CPU runs a loop body's ops one at a time
+            kv_seg_c = None if kv_seg is None else kv_seg_chunks[j0]
+            return step(carry, (j0, k_chunks[j0], v_chunks[j0], kv_seg_c))[0]
+        xs = (jnp.arange(j0, j0 + n), k_chunks[j0:j0 + n], v_chunks[j0:j0 + n],
+              _rows0(kv_seg_chunks, j0, n))
+        return jax.lax.scan(step, carry, xs)[0]
+
+    groups = _chunk_groups(t, s, ck, static_q_offset)
+    if groups is None:
+        m, denom, acc = scan(0, (m0, l0, acc0), 0, k_chunks.shape[0])
+    else:  # unrolled groups, each against only the rows that can see it
         m, denom, acc = m0, l0, acc0
-        for j, r in enumerate(first):
+        for j0, n, r in groups:
             if r == t:
                 continue
-            kv_seg_c = None if kv_seg is None else kv_seg_chunks[j]
-            bias = _full_bias(j, r, t, s, ck, window, q_offset, _rows(q_seg, r), kv_seg_c)
-            new = _full_fwd_step(q_btkgd[:, r:], k_chunks[j], v_chunks[j], bias,
-                                 m[:, r:], denom[:, r:], acc[:, r:], scale)
+            new = scan(r, (m[:, r:], denom[:, r:], acc[:, r:]), j0, n)
             m, denom, acc = (x.at[:, r:].set(y) for x, y in zip((m, denom, acc), new,
                                                                    strict=True))
     safe = jnp.where(denom == 0.0, 1.0, denom)
@@ -341,34 +360,44 @@ def _full_bwd(q, k, v, sinks, q_seg, kv_seg, q_offset, o, lse_btkg, do, window, 
                        preferred_element_type=jnp.float32)
     kv_seg_chunks = None if kv_seg is None else _key_chunks(kv_seg, ck)
     k_chunks, v_chunks = _key_chunks(k, ck), _key_chunks(v, ck)
-    dq = jnp.zeros(q_btkgd.shape, jnp.float32)
-    first = _first_rows(t, s, ck, static_q_offset)
-    if first is None:
+
+    def scan(r, j0, n):
+        """(dq of rows r.., dk and dv [n, ...]) of key chunks j0 .. j0+n-1."""
+        rows_q, rows_do, rows_seg = q_btkgd[:, r:], do_btkgv[:, r:], _rows(q_seg, r)
+
         def step(dq, x):
             j, k_c, v_c, kv_seg_c = x
-            bias = _full_bias(j, 0, t, s, ck, window, q_offset, q_seg, kv_seg_c)
-            dq_c, dk_c, dv_c = _full_bwd_step(q_btkgd, do_btkgv, lse_btkg, delta, k_c, v_c,
-                                              bias, scale)
+            bias = _full_bias(j, r, t, s, ck, window, q_offset, rows_seg, kv_seg_c)
+            dq_c, dk_c, dv_c = _full_bwd_step(rows_q, rows_do, lse_btkg[:, r:], delta[:, r:],
+                                              k_c, v_c, bias, scale)
             return dq + dq_c, (dk_c, dv_c)
 
-        xs = (jnp.arange(_cdiv(s, ck)), k_chunks, v_chunks, kv_seg_chunks)
-        dq, (dk, dv) = jax.lax.scan(step, dq, xs)
-    else:  # unrolled, as the forward: chunk j only against the rows that see it
+        if n == 1:  # no loop: XLA:CPU runs a loop body's ops one at a time
+            kv_seg_c = None if kv_seg is None else kv_seg_chunks[j0]
+            dq_r, (dk_c, dv_c) = step(jnp.zeros(rows_q.shape, jnp.float32),
+                                      (j0, k_chunks[j0], v_chunks[j0], kv_seg_c))
+            return dq_r, dk_c[None], dv_c[None]
+        xs = (jnp.arange(j0, j0 + n), k_chunks[j0:j0 + n], v_chunks[j0:j0 + n],
+              _rows0(kv_seg_chunks, j0, n))
+        dq_r, (dk_c, dv_c) = jax.lax.scan(step, jnp.zeros(rows_q.shape, jnp.float32), xs)
+        return dq_r, dk_c, dv_c
+
+    groups = _chunk_groups(t, s, ck, static_q_offset)
+    if groups is None:
+        dq, dk, dv = scan(0, 0, k_chunks.shape[0])
+    else:  # unrolled groups, as the forward: each only against the rows that see it
+        dq = jnp.zeros(q_btkgd.shape, jnp.float32)
         dks, dvs = [], []
-        for j, r in enumerate(first):
+        for j0, n, r in groups:
             if r == t:
-                dks.append(jnp.zeros(k_chunks.shape[1:], jnp.float32))
-                dvs.append(jnp.zeros(v_chunks.shape[1:], jnp.float32))
+                dks.append(jnp.zeros((n, *k_chunks.shape[1:]), jnp.float32))
+                dvs.append(jnp.zeros((n, *v_chunks.shape[1:]), jnp.float32))
                 continue
-            kv_seg_c = None if kv_seg is None else kv_seg_chunks[j]
-            bias = _full_bias(j, r, t, s, ck, window, q_offset, _rows(q_seg, r), kv_seg_c)
-            dq_c, dk_c, dv_c = _full_bwd_step(q_btkgd[:, r:], do_btkgv[:, r:], lse_btkg[:, r:],
-                                              delta[:, r:], k_chunks[j], v_chunks[j], bias,
-                                              scale)
-            dq = dq.at[:, r:].add(dq_c)
+            dq_r, dk_c, dv_c = scan(r, j0, n)
+            dq = dq.at[:, r:].add(dq_r)
             dks.append(dk_c)
             dvs.append(dv_c)
-        dk, dv = jnp.stack(dks), jnp.stack(dvs)
+        dk, dv = jnp.concatenate(dks), jnp.concatenate(dvs)
     dk = jnp.moveaxis(dk, 0, 1).reshape(b, -1, hkv, dqk)[:, :s]
     dv = jnp.moveaxis(dv, 0, 1).reshape(b, -1, hkv, v.shape[-1])[:, :s]
     dsinks = None
