@@ -30,11 +30,13 @@ NEG = -0.7 * float(np.finfo(np.float32).max)
 GROUP_ROWS = 1024
 # Key-chunk groups the full path unrolls to skip causally hidden rows: up to this many chunks
 # one each, past it consecutive chunks share a group (a scan, from the group's first visible
-# row), so the graph stays this size at any length.
-MAX_UNROLLED_CHUNKS = 16
+# row), so the graph stays this size at any length. XLA's temp memory grows with the group
+# count (each slices and updates the full-length softmax state): fwd+bwd of one 8-head layer
+# at T = 4096 on CPU, scan 405 MiB; 4 / 8 / 16 groups 477 / 1375 / 1447 MiB.
+MAX_UNROLLED_CHUNKS = 4
 # Smallest key chunk the unrolled path uses: finer chunks skip more of the hidden triangle
-# (one full layer at T = 1024 on CPU, fwd+bwd: 275 ms scanned, 205 / 166 / 142 ms unrolled
-# with 512 / 256 / 128-key chunks) but each is a smaller matmul.
+# (one 6-head layer at T = 1024 on CPU, fwd+bwd, measured once: 275 ms scanned, 205 / 166 /
+# 142 ms unrolled with 512 / 256 / 128-key chunks) but each is a smaller matmul.
 MIN_UNROLLED_CHUNK = 128
 
 
@@ -476,7 +478,7 @@ def xla_attention(
     elif static_q_offset is None:
         ch = full_chunk
     else:  # as fine as MAX_UNROLLED_CHUNKS allows, never coarser than the scan's chunk
-        ch = min(full_chunk, max(MIN_UNROLLED_CHUNK,
-                                 _cdiv(_cdiv(s, MAX_UNROLLED_CHUNKS), 128) * 128))
+        per = _cdiv(_cdiv(s, MAX_UNROLLED_CHUNKS), MIN_UNROLLED_CHUNK) * MIN_UNROLLED_CHUNK
+        ch = min(full_chunk, max(MIN_UNROLLED_CHUNK, per))
     return _attn(q, k, v, sinks, q_segment_ids, kv_segment_ids, q_offset, window, scale, ch,
                  static_q_offset)
